@@ -1,0 +1,1 @@
+"""Draft models (Eagle3, DFlash, DSpark) and their inference protocol (``base``)."""

@@ -1,0 +1,32 @@
+"""`deepspec recipe`: validate recipes, show the resolved recipe, print its JSON schema."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "validate / show a recipe, or print the recipe JSON schema"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from deepspec.cli import add_recipe_arguments
+
+    parser.add_argument("action", choices=["show", "validate", "schema"], help="what to do")
+    parser.add_argument("files", nargs="*", help="recipes to validate (validate only)")
+    add_recipe_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from deepspec.config import load_recipe, recipe_json_schema
+
+    if args.action == "schema":
+        print(json.dumps(recipe_json_schema(), indent=2))
+    elif args.action == "show":
+        print(yaml.safe_dump(load_recipe(args.config, args.overrides).model_dump(mode="json"), sort_keys=False))
+    else:
+        for f in args.files or ([args.config] if args.config else []):
+            load_recipe(f, args.overrides)
+            print(f"ok  {f}")
+    return 0
