@@ -116,7 +116,7 @@ def _validate(messages: list[dict[str, Any]]) -> None:
     if first is None:
         raise RecordError("conversation has no user turn")
     if first["role"] != "user":
-        raise RecordError(f"conversation starts with a {first['role']} turn; the first non-system turn must be user")
+        raise RecordError(f"first non-system turn is {first['role']!r}; a conversation must start with a user turn")
 
 
 def parse_record(obj: Any, line: int, fmt: Format = "auto") -> Conversation:
