@@ -1,0 +1,197 @@
+"""Micro-benchmark of one draft training step (target capture + draft forward/backward + AdamW) per algorithm.
+
+CPU smoke run (tiny random target, seconds)::
+
+    python bench/draft_step.py
+
+GPU run (random target with the exact Qwen3-4B shape, bf16 target, fp32 draft under bf16 autocast)::
+
+    python bench/draft_step.py --device cuda --shape qwen3-4b --batch 16 --seq 177 --steps 10
+
+On CUDA it also checks that DFlash/DSpark give the same loss with flex attention and with SDPA + dense mask
+(same anchors), and times both. Prints a compact table and writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "tiny": dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
+    "smollm2": dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+    ),
+    "qwen3-4b": dict(
+        vocab_size=151936,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+    ),
+}
+
+
+def build_target(shape: str, device: torch.device, algorithm: str):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from deepspec.target.model import TargetModel, default_layer_ids
+
+    cfg = Qwen3Config(
+        **SHAPES[shape],
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(cfg).to(dtype)
+    return TargetModel.from_model(model, default_layer_ids(cfg.num_hidden_layers, algorithm))
+
+
+def make_batch(target, batch: int, seq: int, device: torch.device):
+    from deepspec.models.common import DraftBatch
+
+    ids = torch.randint(10, target.vocab_size, (batch, seq), device=device)
+    attn = torch.ones_like(ids)
+    loss_mask = torch.zeros_like(ids)
+    loss_mask[:, seq // 4 :] = 1  # a prompt, then the supervised answer
+    out = target.capture(ids, attn)
+    return DraftBatch(ids, attn, loss_mask, out.features, out.last_hidden)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_algorithm(args, algorithm: str, device: torch.device, backend: str = "auto") -> dict:
+    from deepspec.config import DraftModelConfig
+    from deepspec.models import build_draft
+
+    target = build_target(args.shape, device, algorithm)
+    draft = build_draft(DraftModelConfig(algorithm=algorithm), target)
+    if hasattr(draft, "attention_backend"):
+        draft.attention_backend = backend
+    opt = torch.optim.AdamW(draft.parameters(), lr=1e-4)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    times = []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(args.warmup + args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        batch = make_batch(target, args.batch, args.seq, device)
+        with autocast:
+            out = draft(batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    step_s = sum(times) / len(times)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    row = {
+        "algorithm": algorithm,
+        "backend": backend,
+        "step_s": step_s,
+        "tokens_per_s": args.batch * args.seq / step_s,
+        "peak_gib": peak,
+        "loss": float(out.loss.detach()),
+        "trainable_params_m": sum(p.numel() for p in draft.parameters()) / 1e6,
+    }
+    if device.type == "cuda" and algorithm in ("dflash", "dspark"):
+        row["flex_vs_sdpa_abs_diff"] = flex_vs_sdpa(draft, target, args, device)
+    del draft, target, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def flex_vs_sdpa(draft, target, args, device) -> float:
+    """Same batch and anchors through both attention paths: the losses must agree (bf16 tolerance)."""
+    from deepspec.models.dflash import sample_anchors
+
+    batch = make_batch(target, args.batch, args.seq, device)
+    anchors, valid = sample_anchors(batch.supervised(), draft.cfg.num_anchors)
+    losses = {}
+    for backend in ("sdpa", "flex"):
+        draft.attention_backend = backend
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            losses[backend] = float(draft(batch, anchors=anchors, anchor_valid=valid).loss)
+    draft.attention_backend = "auto"
+    return abs(losses["flex"] - losses["sdpa"])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--shape", default=None, choices=sorted(SHAPES), help="default: tiny on CPU, qwen3-4b on CUDA"
+    )
+    p.add_argument("--algorithms", default="eagle3,dflash,dspark")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--backends", default="auto", help="DFlash/DSpark attention backends to time (auto,sdpa,flex)"
+    )
+    p.add_argument("--out", default="bench/results/draft_step.json")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.shape = args.shape or ("qwen3-4b" if cuda else "tiny")
+    args.batch = args.batch or (16 if cuda else 2)
+    args.seq = args.seq or (177 if cuda else 64)
+    rows = []
+    for algo in args.algorithms.split(","):
+        backends = args.backends.split(",") if algo != "eagle3" else ["-"]
+        for backend in backends:
+            rows.append(bench_algorithm(args, algo, device, backend if backend != "-" else "auto"))
+            r = rows[-1]
+            print(
+                f"{r['algorithm']:>7} {r['backend']:>5}  step {r['step_s'] * 1e3:8.1f} ms  "
+                f"{r['tokens_per_s']:9.0f} tok/s  peak {r['peak_gib']:6.2f} GiB  loss {r['loss']:.3f}"
+                + (f"  |flex-sdpa| {r['flex_vs_sdpa_abs_diff']:.2e}" if "flex_vs_sdpa_abs_diff" in r else "")
+            )
+    meta = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__,
+        "shape": args.shape,
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
