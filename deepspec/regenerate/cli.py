@@ -1,0 +1,111 @@
+"""`deepspec regenerate`: regenerate the assistant turns of a conversation file with the target."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+HELP = "regenerate assistant answers with the target (resumable, shardable)"
+DESCRIPTION = (
+    "Keep system/user/tool turns, drop the original assistant turns, and regenerate each one in order "
+    "through OpenAI-compatible endpoints. Re-running the same command resumes after a crash. "
+    "Defaults come from the recipe: regeneration.*, data.path, data.max_samples, target.*."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from deepspec.cli import add_recipe_arguments
+
+    add_recipe_arguments(parser)
+    parser.add_argument("--input", help="conversations JSONL (default: data.path)")
+    parser.add_argument("--output", help="output JSONL (default: regeneration.output)")
+    parser.add_argument(
+        "--endpoint",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="OpenAI-compatible base URL, repeatable (default: regeneration.endpoints; none = embedded server)",
+    )
+    parser.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="take records with index %% N == I (default: JOB_COMPLETION_INDEX of DEEPSPEC_NUM_SHARDS/JOB_COMPLETIONS)",
+    )
+    parser.add_argument("--merge", action="store_true", help="merge the shard outputs into --output and stop")
+    parser.add_argument("--shards", type=int, metavar="N", help="number of shards to merge (with --merge)")
+    parser.add_argument(
+        "--limit", type=int, metavar="N", help="use only the first N records (default: data.max_samples)"
+    )
+    parser.add_argument(
+        "--restart", action="store_true", help="discard the journal and previous output; start over"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _embedded_server(target: Any) -> AbstractContextManager[str]:
+    try:
+        from deepspec.serve import embedded_server  # type: ignore[attr-defined]
+    except ImportError as e:
+        from deepspec.regenerate.runner import RegenerationError
+
+        raise RegenerationError(
+            "no endpoint given (--endpoint or regeneration.endpoints) and the embedded server is not "
+            f"available ({e}); start a server (e.g. `deepspec serve`) and pass its URL with --endpoint"
+        ) from None
+    return embedded_server(target)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from deepspec.config import load_recipe
+    from deepspec.regenerate.runner import RegenerationError, RegenerationJob, regenerate
+    from deepspec.regenerate.shards import (
+        ShardError,
+        merge_shards,
+        parse_shard,
+        shard_count_from_env,
+        shard_from_env,
+    )
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "httpcore", "openai"):  # one INFO line per request otherwise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    recipe = load_recipe(args.config, args.overrides)
+    output = args.output or recipe.regeneration.output
+    try:
+        if args.merge:
+            count = args.shards or shard_count_from_env()
+            if not count:
+                raise ShardError("--merge needs --shards N (or DEEPSPEC_NUM_SHARDS)")
+            merge_shards(output, count, quiet=False)
+            return 0
+        shard = parse_shard(args.shard) if args.shard else shard_from_env()
+        endpoints = args.endpoint or list(recipe.regeneration.endpoints)
+        target = recipe.target
+        limit = args.limit if args.limit is not None else recipe.data.max_samples
+        server: AbstractContextManager[str] = nullcontext("") if endpoints else _embedded_server(target)
+        with server as url:
+            job = RegenerationJob(
+                input_path=args.input or recipe.data.path,
+                output_path=output,
+                endpoints=endpoints or [url],
+                settings=recipe.regeneration,
+                model=target.served_model_name,
+                revision=target.revision,
+                data_format=recipe.data.format,
+                limit=limit,
+                shard=shard,
+                restart=args.restart,
+                progress=not args.quiet,
+                max_prompt_chars=16 * recipe.data.max_length,
+            )
+            summary = regenerate(job)
+    except (RegenerationError, ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(os.fspath(summary["output"]))
+    return 0 if summary["error"] == 0 else 1

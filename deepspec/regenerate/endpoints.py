@@ -1,0 +1,316 @@
+"""OpenAI-compatible endpoints through the official ``openai`` async client.
+
+One :class:`Endpoint` per base URL, each with its own concurrency limit (a semaphore). The
+:class:`EndpointPool` probes every endpoint at start (``GET /v1/models``, then ``/health``), skips
+the unhealthy ones with a warning, and sends each request to the least-loaded healthy endpoint
+(preferring another one than the endpoint that just failed). Retries (exponential backoff with full
+jitter, ``Retry-After`` honoured) happen on connection errors, timeouts, 408, 429 and 5xx only; any
+other 4xx is a permanent error carrying the server's reason.
+
+httpx's connection pool scans all its connections on every request, which costs O(pool size) CPU per
+request; an endpoint therefore spreads its connections over several clients of at most
+:data:`CONNECTIONS_PER_CLIENT` connections each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+log = logging.getLogger("deepspec.regenerate")
+
+RECORD_HEADER = "X-Deepspec-Record"
+ATTEMPT_HEADER = "X-Deepspec-Attempt"
+CONNECTIONS_PER_CLIENT = 32
+PROBE_TIMEOUT_S = 10.0
+
+
+class NoHealthyEndpoint(RuntimeError):
+    """Every endpoint failed its health probe."""
+
+
+def normalise_base_url(url: str) -> str:
+    """``http://host:8000`` -> ``http://host:8000/v1``; a URL with a path is kept as given."""
+    parts = urlsplit(url.strip())
+    if not parts.scheme or not parts.netloc:
+        raise ValueError(f"endpoint {url!r} is not a URL; expected e.g. http://host:30000/v1")
+    path = parts.path.rstrip("/") or "/v1"
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def header_value(key: str) -> str:
+    """A record key made safe for an HTTP header (printable ASCII; other bytes percent-encoded)."""
+    return quote(key, safe="!#$&'()*+,-./:;<=>?@[]^_`{|}~ ")
+
+
+@dataclass
+class Completion:
+    """The outcome of one assistant turn (after retries)."""
+
+    message: dict[str, Any] | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    endpoint: str | None = None
+    retries: int = 0
+    error: str | None = None
+
+
+@dataclass
+class EndpointStats:
+    requests: int = 0
+    ok: int = 0
+    transient_failures: int = 0
+    permanent_failures: int = 0
+
+
+@dataclass
+class Endpoint:
+    """One base URL, its clients and its concurrency limit."""
+
+    base_url: str
+    concurrency: int
+    clients: list[Any] = field(default_factory=list)
+    in_flight_per_client: list[int] = field(default_factory=list)
+    in_flight: int = 0
+    healthy: bool = False
+    reason: str = ""
+    models: list[str] = field(default_factory=list)
+    stats: EndpointStats = field(default_factory=EndpointStats)
+    semaphore: asyncio.Semaphore | None = None
+
+    def open(self, api_key: str, timeout_s: float) -> None:
+        import httpx2
+        import openai
+
+        n = max(1, math.ceil(self.concurrency / CONNECTIONS_PER_CLIENT))
+        per = math.ceil(self.concurrency / n)
+        limits = httpx2.Limits(max_connections=per, max_keepalive_connections=per, keepalive_expiry=30.0)
+        self.clients = [
+            openai.AsyncOpenAI(
+                base_url=self.base_url,
+                api_key=api_key,
+                max_retries=0,  # retries are ours: backoff, jitter and endpoint choice
+                timeout=timeout_s,
+                http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeout_s),
+            )
+            for _ in range(n)
+        ]
+        self.in_flight_per_client = [0] * n
+        self.semaphore = asyncio.Semaphore(self.concurrency)
+
+    async def close(self) -> None:
+        for c in self.clients:
+            await c.close()
+
+    async def probe(self) -> None:
+        """Health probe: list models (``/v1/models``); fall back to ``GET /health`` on the server root."""
+        client = self.clients[0]
+        try:
+            page = await client.models.list(timeout=PROBE_TIMEOUT_S)
+            self.models = [m.id for m in page.data]
+            self.healthy = True
+            return
+        except Exception as e:
+            first = _reason(e)
+        root = self.base_url.rsplit("/v1", 1)[0] if self.base_url.endswith("/v1") else self.base_url
+        try:
+            http = client._client  # the httpx client the openai client owns
+            r = await http.get(root + "/health", timeout=PROBE_TIMEOUT_S)
+            self.healthy = r.status_code < 400
+            self.reason = "" if self.healthy else f"/v1/models: {first}; /health: HTTP {r.status_code}"
+        except Exception as e:
+            self.reason = f"/v1/models: {first}; /health: {_reason(e)}"
+
+    def pick_client(self) -> int:
+        return min(range(len(self.clients)), key=self.in_flight_per_client.__getitem__)
+
+
+def _reason(e: BaseException) -> str:
+    import openai
+
+    if isinstance(e, openai.APIStatusError):
+        msg = e.message if isinstance(e.message, str) else str(e.message)
+        return f"HTTP {e.status_code}: {msg[:300]}"
+    if isinstance(e, openai.APITimeoutError):
+        return "timeout"
+    if isinstance(e, openai.APIConnectionError):
+        cause = e.__cause__ or e.__context__
+        return f"connection error ({type(cause).__name__}: {cause})" if cause else "connection error"
+    return f"{type(e).__name__}: {e}"[:300]
+
+
+def is_transient(e: BaseException) -> bool:
+    """Retry on connection errors, timeouts, 408, 429 and 5xx; never on other 4xx."""
+    import openai
+
+    if isinstance(e, openai.APIStatusError):
+        return e.status_code in (408, 429) or e.status_code >= 500
+    return isinstance(e, openai.APIConnectionError)  # includes APITimeoutError
+
+
+def _retry_after(e: BaseException) -> float | None:
+    response = getattr(e, "response", None)
+    value = response.headers.get("retry-after") if response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class EndpointPool:
+    """All endpoints of a run, with request routing, retries and per-endpoint statistics."""
+
+    def __init__(
+        self,
+        base_urls: list[str],
+        *,
+        concurrency: int,
+        api_key: str = "EMPTY",
+        request_timeout_s: float = 600.0,
+        max_retries: int = 6,
+        backoff_initial_s: float = 0.5,
+        backoff_max_s: float = 30.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not base_urls:
+            raise ValueError("no endpoint given")
+        urls = list(dict.fromkeys(normalise_base_url(u) for u in base_urls))
+        self.endpoints = [Endpoint(u, concurrency) for u in urls]
+        self.api_key = api_key
+        self.request_timeout_s = request_timeout_s
+        self.max_retries = max_retries
+        self.backoff_initial_s = backoff_initial_s
+        self.backoff_max_s = backoff_max_s
+        self.rng = rng or random.Random()
+        self.retries = 0
+
+    @property
+    def healthy(self) -> list[Endpoint]:
+        return [e for e in self.endpoints if e.healthy]
+
+    @property
+    def total_concurrency(self) -> int:
+        return sum(e.concurrency for e in self.healthy)
+
+    async def start(self) -> None:
+        """Open clients and probe every endpoint; raise :class:`NoHealthyEndpoint` if none answers."""
+        for e in self.endpoints:
+            e.open(self.api_key, self.request_timeout_s)
+        await asyncio.gather(*(e.probe() for e in self.endpoints))
+        for e in self.endpoints:
+            if not e.healthy:
+                log.warning("endpoint %s is unhealthy and will not be used: %s", e.base_url, e.reason)
+        if not self.healthy:
+            details = "\n".join(f"  {e.base_url}: {e.reason}" for e in self.endpoints)
+            raise NoHealthyEndpoint(
+                "no healthy endpoint (probed GET /v1/models and /health):\n"
+                + details
+                + "\ncheck that the server is up and the URL is right (e.g. http://host:30000/v1)"
+            )
+
+    async def close(self) -> None:
+        await asyncio.gather(*(e.close() for e in self.endpoints))
+
+    def served_model(self) -> str | None:
+        """The first model id listed by a healthy endpoint."""
+        return next((e.models[0] for e in self.healthy if e.models), None)
+
+    def _choose(self, avoid: Endpoint | None) -> Endpoint:
+        candidates = self.healthy
+        if avoid is not None and len(candidates) > 1:
+            candidates = [e for e in candidates if e is not avoid]
+        return min(candidates, key=lambda e: e.in_flight / e.concurrency)
+
+    def backoff(self, retry: int, retry_after: float | None = None) -> float:
+        """Full jitter: uniform(0, min(max, initial * 2**retry)), at least a server's Retry-After."""
+        delay = self.rng.uniform(0, min(self.backoff_max_s, self.backoff_initial_s * 2**retry))
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.backoff_max_s))
+        return delay
+
+    async def complete(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        key: str,
+        model: str,
+        params: dict[str, Any],
+        extra_body: dict[str, Any],
+    ) -> Completion:
+        """One chat completion with retries; never raises for server or network problems."""
+        avoid: Endpoint | None = None
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            ep = self._choose(avoid)
+            assert ep.semaphore is not None
+            async with ep.semaphore:
+                ci = ep.pick_client()
+                ep.in_flight += 1
+                ep.in_flight_per_client[ci] += 1
+                ep.stats.requests += 1
+                try:
+                    resp = await ep.clients[ci].chat.completions.create(
+                        model=model,
+                        messages=messages,  # type: ignore[arg-type]
+                        extra_body=extra_body or None,
+                        extra_headers={RECORD_HEADER: header_value(key), ATTEMPT_HEADER: str(attempt + 1)},
+                        **params,
+                    )
+                except Exception as e:
+                    error: BaseException | None = e
+                else:
+                    error = None
+                finally:
+                    ep.in_flight -= 1
+                    ep.in_flight_per_client[ci] -= 1
+            if error is None:
+                return self._parse(resp, ep, attempt)
+            last = _reason(error)
+            if not is_transient(error):
+                ep.stats.permanent_failures += 1
+                return Completion(endpoint=ep.base_url, retries=attempt, error=f"permanent error: {last}")
+            ep.stats.transient_failures += 1
+            if attempt < self.max_retries:
+                self.retries += 1
+                avoid = ep
+                await asyncio.sleep(self.backoff(attempt, _retry_after(error)))
+        return Completion(
+            retries=self.max_retries, error=f"gave up after {self.max_retries + 1} attempts; last: {last}"
+        )
+
+    @staticmethod
+    def _parse(resp: Any, ep: Endpoint, attempt: int) -> Completion:
+        if not getattr(resp, "choices", None):
+            ep.stats.permanent_failures += 1
+            return Completion(endpoint=ep.base_url, retries=attempt, error="server answered without choices")
+        ep.stats.ok += 1
+        choice = resp.choices[0]
+        msg = choice.message
+        message: dict[str, Any] = {"role": "assistant", "content": msg.content or ""}
+        extra = getattr(msg, "model_extra", None) or {}
+        reasoning = extra.get("reasoning_content") or extra.get("reasoning")
+        if reasoning:
+            message["reasoning_content"] = reasoning
+        if msg.tool_calls:
+            message["tool_calls"] = [tc.model_dump(exclude_none=True) for tc in msg.tool_calls]
+        usage = resp.usage
+        return Completion(
+            message=message,
+            finish_reason=choice.finish_reason,
+            prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+            completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+            endpoint=ep.base_url,
+            retries=attempt,
+        )
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {
+            e.base_url: {"healthy": e.healthy, **vars(e.stats), **({"reason": e.reason} if e.reason else {})}
+            for e in self.endpoints
+        }
