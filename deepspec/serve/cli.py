@@ -1,0 +1,62 @@
+"""``deepspec serve``: the embedded OpenAI-compatible server on a target model."""
+
+from __future__ import annotations
+
+import argparse
+
+from deepspec.cli import add_recipe_arguments
+
+HELP = "serve the target model with an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health)"
+DESCRIPTION = (
+    HELP + ". The model is a local HF directory, a .gguf file (converted once to a cached safetensors "
+    "directory) or 'smollm2'. Without --model, the recipe's target is served."
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(parser)
+    parser.add_argument(
+        "--model", help="HF directory, .gguf file or 'smollm2' (default: the recipe's target.model)"
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--served-model-name", help="name clients send as 'model' (default: the model's basename)"
+    )
+    parser.add_argument("--revision", help="target revision reported in /v1/models and system_fingerprint")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="weights dtype")
+    parser.add_argument("--max-batch-size", type=int, default=32, help="requests generated together")
+    parser.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long to gather a batch")
+    parser.add_argument(
+        "--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is best on a busy CPU)"
+    )
+    parser.add_argument("--request-log", help="append one JSON line per request to this file")
+    parser.add_argument("--log-level", default="info", help="uvicorn log level")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from deepspec.config import load_recipe
+    from deepspec.serve.embedded import build_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = load_recipe(args.config, args.overrides).target
+    updates = {
+        k: v for k, v in (("model", args.model), ("dtype", args.dtype), ("revision", args.revision)) if v
+    }
+    target = target.model_copy(update=updates)
+    app = build_app(
+        target,
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        batch_wait_ms=args.batch_wait_ms,
+        request_log=args.request_log,
+        served_model_name=args.served_model_name,
+    )
+    print(f"deepspec serve: {target.model} on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
