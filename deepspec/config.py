@@ -44,15 +44,19 @@ class TargetConfig(StrictModel):
         ),
     )
     revision: str | None = Field(
-        None, description="Target revision (hub commit, tag or an opaque version string); recorded in provenance."
+        None,
+        description="Target revision (hub commit, tag or an opaque version string); recorded in provenance.",
     )
     served_model_name: str | None = Field(
-        None, description="Model name the OpenAI-compatible server answers to; defaults to the model's basename."
+        None,
+        description="Model name the OpenAI-compatible server answers to; defaults to the model's basename.",
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights dtype: 'auto' = bfloat16 on GPU, float32 on CPU."
     )
-    trust_remote_code: bool = Field(False, description="Allow custom modeling code from the model repository.")
+    trust_remote_code: bool = Field(
+        False, description="Allow custom modeling code from the model repository."
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,7 +88,9 @@ class SamplingConfig(StrictModel):
     temperature: float = Field(0.7, ge=0.0, le=5.0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     top_k: int | None = Field(None, ge=1, description="Top-k cut (server extension; omitted when None).")
-    min_p: float | None = Field(None, ge=0.0, le=1.0, description="Min-p cut (server extension; omitted when None).")
+    min_p: float | None = Field(
+        None, ge=0.0, le=1.0, description="Min-p cut (server extension; omitted when None)."
+    )
     max_tokens: int = Field(2048, ge=1, description="Maximum new tokens per assistant turn.")
     seed: int | None = Field(None, description="Base seed; each request gets seed + record index when set.")
 
@@ -107,12 +113,17 @@ class RegenerationConfig(StrictModel):
     )
     request_timeout_s: float = Field(600.0, gt=0, description="Per-request timeout in seconds.")
     max_retries: int = Field(6, ge=0, description="Retries on connection errors, timeouts, 429 and 5xx.")
-    backoff_initial_s: float = Field(0.5, gt=0, description="First retry delay; doubles each retry, with jitter.")
+    backoff_initial_s: float = Field(
+        0.5, gt=0, description="First retry delay; doubles each retry, with jitter."
+    )
     backoff_max_s: float = Field(30.0, gt=0, description="Upper bound on one retry delay.")
     truncated: Literal["keep", "drop"] = Field(
-        "keep", description="Policy for answers cut by max_tokens: keep them (status 'truncated') or drop from training."
+        "keep",
+        description="Policy for answers cut by max_tokens: keep them (status 'truncated') or drop from training.",
     )
-    output: str = Field("runs/demo/regenerated.jsonl", description="Output JSONL (journal and summary sit beside it).")
+    output: str = Field(
+        "runs/demo/regenerated.jsonl", description="Output JSONL (journal and summary sit beside it)."
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,20 +135,27 @@ class FeaturesConfig(StrictModel):
     """Where target hidden states come from."""
 
     mode: Literal["online", "offline"] = Field(
-        "online", description="'online': computed each step by the resident frozen target; 'offline': read a cache."
+        "online",
+        description="'online': computed each step by the resident frozen target; 'offline': read a cache.",
     )
-    cache_path: str | None = Field(None, description="Feature-cache directory or s3:// prefix (offline mode).")
+    cache_path: str | None = Field(
+        None, description="Feature-cache directory or s3:// prefix (offline mode)."
+    )
     storage_dtype: Literal["bfloat16", "float8_e4m3fn", "float32"] = Field(
         "bfloat16", description="On-disk dtype of cached hidden states."
     )
-    shard_tokens: int = Field(1 << 20, ge=1024, description="Tokens per cache shard.")
+    shard_tokens: int = Field(
+        1 << 16, ge=1024, description="Tokens per cache shard (held in memory while written)."
+    )
 
 
 class DraftModelConfig(StrictModel):
     """Draft architecture. Dimensions not listed here are read from the target config."""
 
     algorithm: Algorithm = Field("eagle3", description="Draft algorithm.")
-    num_layers: int | None = Field(None, ge=1, description="Draft decoder layers (default: eagle3 1, dflash/dspark 5).")
+    num_layers: int | None = Field(
+        None, ge=1, description="Draft decoder layers (default: eagle3 1, dflash/dspark 5)."
+    )
     target_layer_ids: list[int] | None = Field(
         None, description="0-based target layers whose outputs are features (default: chosen per algorithm)."
     )
@@ -146,7 +164,9 @@ class DraftModelConfig(StrictModel):
     draft_vocab_size: int | None = Field(
         None, ge=2, description="Eagle3 reduced draft vocabulary (None = full target vocabulary)."
     )
-    block_size: int = Field(7, ge=2, description="DFlash/DSpark block length gamma (anchor + gamma-1 mask tokens).")
+    block_size: int = Field(
+        7, ge=2, description="DFlash/DSpark block length gamma (anchor + gamma-1 mask tokens)."
+    )
     num_anchors: int = Field(512, ge=1, description="DFlash/DSpark anchors sampled per training sequence.")
     loss_decay: float = Field(4.0, gt=0, description="DFlash/DSpark slot weight exp(-k/loss_decay).")
     markov_head: Literal["vanilla", "rnn", "none"] = Field("vanilla", description="DSpark sequential head.")
@@ -208,7 +228,9 @@ class GateConfig(StrictModel):
 class EvaluationConfig(StrictModel):
     """Accepted-length evaluation protocol (defaults follow the reference table)."""
 
-    benchmarks_dir: str = Field("../shared/datasets/eval", description="Directory of {turns: [...]} JSONL files.")
+    benchmarks_dir: str = Field(
+        "../shared/datasets/eval", description="Directory of {turns: [...]} JSONL files."
+    )
     benchmarks: list[str] = Field(
         default_factory=lambda: list(DEFAULT_BENCHMARK_CAPS), description="Benchmark file stems to run."
     )
@@ -354,4 +376,3 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | None = No
 def recipe_json_schema() -> dict[str, Any]:
     """JSON schema of the recipe (used by `deepspec recipe schema` and the CRD generator)."""
     return Recipe.model_json_schema()
-

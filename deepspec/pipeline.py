@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def stage_commands(recipe_path: str | None, overrides: list[str], stages: list[str], recipe) -> list[list[str]]:
+def stage_commands(
+    recipe_path: str | None, overrides: list[str], stages: list[str], recipe
+) -> list[list[str]]:
     """The sub-command argument lists ``deepspec run`` executes, in order."""
     common = (["-c", recipe_path] if recipe_path else []) + [a for o in overrides for a in ("--set", o)]
     checkpoint = f"{recipe.training.output_dir}/latest"
@@ -52,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
-        console.print(f"[red]error:[/] unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+        console.print(
+            f"[red]error:[/] unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}"
+        )
         return 2
     timings: list[tuple[str, float, int]] = []
     for argv in stage_commands(args.config, args.overrides, stages, recipe):

@@ -24,7 +24,9 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "schema":
         print(json.dumps(recipe_json_schema(), indent=2))
     elif args.action == "show":
-        print(yaml.safe_dump(load_recipe(args.config, args.overrides).model_dump(mode="json"), sort_keys=False))
+        print(
+            yaml.safe_dump(load_recipe(args.config, args.overrides).model_dump(mode="json"), sort_keys=False)
+        )
     else:
         for f in args.files or ([args.config] if args.config else []):
             load_recipe(f, args.overrides)

@@ -116,7 +116,9 @@ def _validate(messages: list[dict[str, Any]]) -> None:
     if first is None:
         raise RecordError("conversation has no user turn")
     if first["role"] != "user":
-        raise RecordError(f"first non-system turn is {first['role']!r}; a conversation must start with a user turn")
+        raise RecordError(
+            f"first non-system turn is {first['role']!r}; a conversation must start with a user turn"
+        )
 
 
 def parse_record(obj: Any, line: int, fmt: Format = "auto") -> Conversation:
@@ -140,7 +142,9 @@ def parse_record(obj: Any, line: int, fmt: Format = "auto") -> Conversation:
     _validate(messages)
     rid = obj.get("id", obj.get("question_id"))
     meta = {k: v for k, v in obj.items() if k not in ("id", "conversations", "messages", "turns")}
-    return Conversation(id=str(rid) if rid is not None else f"line-{line}", messages=messages, line=line, meta=meta)
+    return Conversation(
+        id=str(rid) if rid is not None else f"line-{line}", messages=messages, line=line, meta=meta
+    )
 
 
 def read_conversations(path: str | Path, fmt: Format = "auto") -> Iterator[Conversation | BadRecord]:
@@ -155,7 +159,9 @@ def read_conversations(path: str | Path, fmt: Format = "auto") -> Iterator[Conve
             if not raw.strip():
                 continue
             if len(raw) > MAX_LINE_BYTES:
-                yield BadRecord(lineno, f"line is {len(raw):,} bytes (limit {MAX_LINE_BYTES:,}); split or shorten it")
+                yield BadRecord(
+                    lineno, f"line is {len(raw):,} bytes (limit {MAX_LINE_BYTES:,}); split or shorten it"
+                )
                 continue
             try:
                 text = raw.decode("utf-8")

@@ -69,7 +69,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     # Tied embeddings are legitimately absent from the state dict; anything else is a real mismatch.
     missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
-        raise RuntimeError(f"GGUF conversion of {gguf_path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"GGUF conversion of {gguf_path}: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -88,7 +90,9 @@ def resolve_model_path(spec: str) -> str:
     else:
         p = Path(spec).expanduser()
         if p.exists() and not p.is_dir():
-            raise ValueError(f"target model {spec!r} is a file but not .gguf; give an HF directory or a .gguf file")
+            raise ValueError(
+                f"target model {spec!r} is a file but not .gguf; give an HF directory or a .gguf file"
+            )
         return str(p) if p.is_dir() else spec
     out = cache_root() / "models" / f"{gguf.stem}-{_file_fingerprint(gguf)}"
     if not (out / "config.json").is_file():

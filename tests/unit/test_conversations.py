@@ -22,9 +22,24 @@ def test_formats_normalise(tmp_path: Path) -> None:
     p = _write_lines(
         tmp_path,
         [
-            _j({"id": "a", "conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}),
-            _j({"id": "b", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]}),
-            _j({"id": "c", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}),
+            _j(
+                {
+                    "id": "a",
+                    "conversations": [
+                        {"role": "user", "content": "hi"},
+                        {"role": "assistant", "content": "yo"},
+                    ],
+                }
+            ),
+            _j(
+                {
+                    "id": "b",
+                    "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+                }
+            ),
+            _j(
+                {"id": "c", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+            ),
             _j({"turns": ["t1", "t2"]}),
         ],
     )
@@ -58,7 +73,15 @@ def test_bad_lines_are_reported_with_line_numbers(tmp_path: Path) -> None:
         b'{"id": "x", "conversations": [',  # 2 malformed JSON
         _j({"id": "r", "conversations": [{"role": "wizard", "content": "x"}]}),  # 3 unknown role
         _j({"id": "e", "conversations": [{"role": "user", "content": "   "}]}),  # 4 empty content
-        _j({"id": "f", "conversations": [{"role": "assistant", "content": "first"}, {"role": "user", "content": "u"}]}),
+        _j(
+            {
+                "id": "f",
+                "conversations": [
+                    {"role": "assistant", "content": "first"},
+                    {"role": "user", "content": "u"},
+                ],
+            }
+        ),
         b'{"id": "big", "turns": ["' + b"x" * (9 * 1024 * 1024) + b'"]}',  # 6 huge line
         b'{"id": "bin", "turns": ["caf\xe9"]}',  # 7 non-UTF-8
         b"[1, 2]",  # 8 not an object

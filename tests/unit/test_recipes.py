@@ -84,7 +84,14 @@ def test_cross_field_rule() -> None:
 
 
 def test_dotted_overrides_parse_yaml_values() -> None:
-    r = load_recipe(None, ["training.lr=3e-4", "regeneration.endpoints=[http://a/v1, http://b/v1]", "regeneration.thinking=false"])
+    r = load_recipe(
+        None,
+        [
+            "training.lr=3e-4",
+            "regeneration.endpoints=[http://a/v1, http://b/v1]",
+            "regeneration.thinking=false",
+        ],
+    )
     assert r.training.lr == pytest.approx(3e-4)
     assert r.regeneration.endpoints == ["http://a/v1", "http://b/v1"]
     assert r.regeneration.thinking is False

@@ -1,0 +1,109 @@
+"""``deepspec features``: write the offline feature cache for a recipe (resumable, size-checked)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+HELP = "capture target hidden states into a resumable feature cache (offline features)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from deepspec.cli import add_recipe_arguments
+
+    add_recipe_arguments(parser)
+    parser.add_argument("--out", help="cache directory or s3:// prefix (default: features.cache_path)")
+    parser.add_argument(
+        "--layers",
+        default="recipe",
+        help="'recipe' (draft.target_layer_ids or the algorithm default), 'union' (all three algorithms' "
+        "defaults, one cache for all), or a comma list of 0-based layer ids",
+    )
+    parser.add_argument("--batch-tokens", type=int, default=None, help="padded tokens per target forward")
+    parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
+    parser.add_argument("--estimate-only", action="store_true", help="print the size estimate and exit")
+
+
+def cache_identity(recipe: Any, target: Any, tokenizer: Any) -> Any:
+    """The identity a cache must match for this recipe and target (layer ids = the target's)."""
+    from deepspec.target.cache import CacheIdentity, chat_template_hash, target_fingerprint, tokenizer_hash
+    from deepspec.train.data import chat_template_kwargs_from
+
+    return CacheIdentity(
+        target_model=recipe.target.model,
+        target_revision=recipe.target.revision,
+        target_config=target_fingerprint(target),
+        tokenizer_hash=tokenizer_hash(tokenizer),
+        chat_template_hash=chat_template_hash(tokenizer, chat_template_kwargs_from(recipe)),
+        layer_ids=list(target.layer_ids),
+    )
+
+
+def choose_layers(spec: str, recipe: Any, num_layers: int) -> list[int]:
+    from deepspec.target.model import default_layer_ids
+
+    if spec == "recipe":
+        return list(recipe.draft.target_layer_ids or default_layer_ids(num_layers, recipe.draft.algorithm))
+    if spec == "union":
+        ids = set(default_layer_ids(num_layers, "eagle3")) | set(default_layer_ids(num_layers, "dflash"))
+        return sorted(ids)
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(
+            f"--layers {spec!r}: expected 'recipe', 'union' or a comma list of integers"
+        ) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from deepspec.config import load_recipe
+    from deepspec.target.cache import CacheError, FeatureCacheWriter, estimate_summary
+    from deepspec.target.files import resolve_model_path
+    from deepspec.target.model import TargetModel
+    from deepspec.train.trainer import load_sequences, resolve_path
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    recipe = load_recipe(args.config, args.overrides)
+    out = args.out or recipe.features.cache_path
+    if not out:
+        raise SystemExit("no cache destination: pass --out or set features.cache_path in the recipe")
+    out = resolve_path(recipe, out)
+    path = resolve_model_path(recipe.target.model)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.target.trust_remote_code)
+    cfg = AutoConfig.from_pretrained(path, trust_remote_code=recipe.target.trust_remote_code)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    layer_ids = choose_layers(args.layers, recipe, int(cfg.num_hidden_layers))
+    sequences = load_sequences(recipe, tokenizer, progress=True)
+    n_tokens = sum(int(s.input_ids.numel()) for s in sequences)
+    print(
+        f"feature cache estimate: {estimate_summary(n_tokens, int(cfg.hidden_size), len(layer_ids), recipe.features.storage_dtype)}"
+    )
+    if args.estimate_only:
+        return 0
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = TargetModel.from_pretrained(
+        recipe.target.model, layer_ids, recipe.draft.algorithm, device=device,
+        dtype=None if recipe.target.dtype == "auto" else recipe.target.dtype,
+        trust_remote_code=recipe.target.trust_remote_code,
+    )  # fmt: skip
+    batch_tokens = args.batch_tokens or (32768 if device.type == "cuda" else 4096)
+    writer = FeatureCacheWriter(
+        out, target, sequences, cache_identity(recipe, target, tokenizer),
+        storage_dtype=recipe.features.storage_dtype, shard_tokens=recipe.features.shard_tokens,
+        batch_tokens=batch_tokens, endpoint_url=recipe.storage.s3_endpoint_url,
+    )  # fmt: skip
+    try:
+        manifest = writer.run(progress=True)
+    except CacheError as e:
+        print(f"error: {e}")
+        return 2
+    print(
+        f"feature cache {out}: {manifest['num_sequences']} sequences, {manifest['num_tokens']:,} tokens, "
+        f"{manifest['num_shards']} shards, layers {manifest['layer_ids']}, content hash {manifest['content_hash'][:16]}"
+    )
+    return 0

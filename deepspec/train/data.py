@@ -1,0 +1,208 @@
+"""Training data: regenerated JSONL -> rendered token ids + loss masks -> deterministic, resumable batches.
+
+* :func:`load_training_records` keeps records whose ``status`` is ``ok``, or ``truncated`` unless the
+  record says ``"train": false`` (the regeneration's drop policy).
+* :func:`tokenize_records` renders each conversation with the target's chat template and the
+  assistant loss mask (:func:`deepspec.data.template.render_with_mask`).
+* :class:`ResumableBatchSampler` walks an endless stream of seeded per-epoch permutations. One
+  optimizer step takes the next ``global_batch_size`` sequences, sorts them by length (length
+  bucketing: little padding inside a micro-batch) and deals the micro-batches round-robin to the
+  ranks. Its whole state is ``(epoch, index)``, saved in checkpoints for an exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenizedSequence:
+    """One training sequence."""
+
+    id: str
+    input_ids: torch.Tensor  # [T] long
+    loss_mask: torch.Tensor  # [T] long, 1 = assistant token
+
+
+@dataclass
+class LoadStats:
+    kept: int = 0
+    skipped_status: int = 0
+    bad_lines: int = 0
+    no_supervision: int = 0
+
+
+def load_training_records(path: str | Path, stats: LoadStats | None = None) -> list[dict[str, Any]]:
+    """Read a regenerated JSONL file and keep the records that should be trained on."""
+    stats = stats if stats is not None else LoadStats()
+    records: list[dict[str, Any]] = []
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"regenerated data {p} not found; run `deepspec regenerate` first or set regeneration.output"
+        )
+    with open(p, encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                messages = rec["messages"]
+                if not isinstance(messages, list) or not messages:
+                    raise ValueError("'messages' must be a non-empty list")
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                stats.bad_lines += 1
+                log.warning("%s line %d skipped: %s", p, lineno, e)
+                continue
+            status = rec.get("status", "ok")
+            if status == "ok" or (status == "truncated" and rec.get("train", True) is not False):
+                rec.setdefault("id", f"line-{lineno}")
+                records.append(rec)
+                stats.kept += 1
+            else:
+                stats.skipped_status += 1
+    return records
+
+
+def chat_template_kwargs_from(recipe: Any) -> dict[str, Any]:
+    """The chat-template kwargs the target generated with (so training renders the same text)."""
+    kwargs = dict(recipe.regeneration.chat_template_kwargs)
+    if recipe.regeneration.thinking is not None:
+        kwargs["enable_thinking"] = recipe.regeneration.thinking
+    return kwargs
+
+
+def tokenize_records(
+    records: Iterable[dict[str, Any]],
+    tokenizer: Any,
+    max_length: int,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    stats: LoadStats | None = None,
+    progress: bool = False,
+) -> list[TokenizedSequence]:
+    """Render each record with its loss mask; records without any supervised token are dropped."""
+    from deepspec.data.template import render_with_mask
+
+    stats = stats if stats is not None else LoadStats()
+    records = list(records)
+    it: Iterable[dict[str, Any]] = records
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(records, desc="tokenize", unit="conv", dynamic_ncols=True)
+    out: list[TokenizedSequence] = []
+    for rec in it:
+        ids, mask = render_with_mask(
+            tokenizer,
+            rec["messages"],
+            chat_template_kwargs=chat_template_kwargs or None,
+            max_length=max_length,
+        )
+        ids_t = torch.as_tensor(list(ids), dtype=torch.long)
+        mask_t = torch.as_tensor(list(mask), dtype=torch.long)
+        if int(mask_t.sum()) == 0 or ids_t.numel() < 2:
+            stats.no_supervision += 1
+            continue
+        out.append(TokenizedSequence(str(rec["id"]), ids_t, mask_t))
+    return out
+
+
+def token_frequencies(sequences: Iterable[TokenizedSequence], vocab_size: int) -> torch.Tensor:
+    """Counts of supervised (assistant) tokens: the basis of Eagle3's reduced draft vocabulary."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for s in sequences:
+        ids = s.input_ids[s.loss_mask.bool()]
+        counts += torch.bincount(ids, minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------------
+
+
+class ResumableBatchSampler:
+    """Deterministic global batches over seeded epoch permutations, with a resumable ``(epoch, index)``."""
+
+    def __init__(
+        self,
+        lengths: list[int],
+        global_batch_size: int,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+    ):
+        if not lengths:
+            raise ValueError("no training sequences: the dataset is empty after filtering")
+        if global_batch_size % (micro_batch_size * world_size):
+            raise ValueError(
+                f"training.global_batch_size {global_batch_size} must be a multiple of "
+                f"micro_batch_size x world_size = {micro_batch_size} x {world_size}"
+            )
+        self.lengths = lengths
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.epoch, self.index = 0, 0
+        self._perm_epoch = -1
+        self._perm: list[int] = []
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.world_size)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(len(self.lengths), generator=g).tolist()
+            self._perm_epoch = epoch
+        return self._perm
+
+    def next_global_batch(self) -> list[list[int]]:
+        """This rank's micro-batches (lists of dataset indices) for the next optimizer step."""
+        chosen: list[int] = []
+        while len(chosen) < self.global_batch_size:
+            perm = self._permutation(self.epoch)
+            take = min(self.global_batch_size - len(chosen), len(perm) - self.index)
+            chosen.extend(perm[self.index : self.index + take])
+            self.index += take
+            if self.index >= len(perm):
+                self.epoch, self.index = self.epoch + 1, 0
+        # Length bucketing inside the global batch (stable sort: ties keep the permutation order).
+        chosen.sort(key=lambda i: -self.lengths[i])
+        m = self.micro_batch_size
+        micro = [chosen[j : j + m] for j in range(0, len(chosen), m)]
+        return micro[self.rank :: self.world_size]
+
+    @property
+    def epoch_float(self) -> float:
+        return self.epoch + self.index / len(self.lengths)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+
+
+def pad_batch(sequences: list[TokenizedSequence], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Right-pad a micro-batch: input_ids, attention_mask, loss_mask, each [B, T]."""
+    t = max(int(s.input_ids.numel()) for s in sequences)
+    b = len(sequences)
+    ids = torch.full((b, t), pad_id, dtype=torch.long)
+    attn = torch.zeros((b, t), dtype=torch.long)
+    loss = torch.zeros((b, t), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        n = s.input_ids.numel()
+        ids[i, :n], attn[i, :n], loss[i, :n] = s.input_ids, 1, s.loss_mask
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}

@@ -1,0 +1,507 @@
+"""The draft trainer: torchrun-compatible, DDP or FSDP2, online or cached features, exact resume.
+
+The :class:`Trainer` lists its whole inventory as typed attributes and builds it in one readable
+sequence in ``__init__`` (torchtitan's layout): distributed set-up -> target -> data -> features ->
+draft (+ parallel wrapper) -> optimizer + scheduler -> checkpointer (+ resume) -> metrics.
+``train_step`` runs the micro-batches of one global batch (gradient accumulation), clips, steps.
+
+Launch: ``deepspec train -c RECIPE`` on one process, or ``torchrun --nproc-per-node N -m deepspec.cli
+train -c RECIPE``; the standard RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR variables select the
+process group (gloo on CPU, NCCL on CUDA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from deepspec.config import Recipe
+from deepspec.target.model import TargetModel
+from deepspec.train.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
+from deepspec.train.data import (
+    LoadStats,
+    ResumableBatchSampler,
+    TokenizedSequence,
+    chat_template_kwargs_from,
+    load_training_records,
+    token_frequencies,
+    tokenize_records,
+)
+from deepspec.train.features import FeatureSource, OfflineFeatures, OnlineFeatures
+from deepspec.train.metrics import MetricsLogger, peak_flops, tau_estimate
+
+log = logging.getLogger(__name__)
+
+# Testing aid: block forever right after checkpoint N is written, so a supervisor can SIGKILL the
+# process at a known point (exact-resume tests). Never set in normal runs.
+PAUSE_ENV = "DEEPSPEC_PAUSE_AFTER_CHECKPOINT"
+
+DraftFactory = Callable[[Any, TargetModel], nn.Module]
+
+
+# --------------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+
+def init_distributed(device_pref: str | None = None) -> tuple[DistInfo, torch.device]:
+    """Read torchrun's environment; start the process group (gloo on CPU, NCCL on CUDA)."""
+    info = DistInfo(
+        rank=int(os.environ.get("RANK", 0)),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        world_size=int(os.environ.get("WORLD_SIZE", 1)),
+    )
+    use_cuda = torch.cuda.is_available() if device_pref in (None, "auto") else device_pref.startswith("cuda")
+    if use_cuda:
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if info.enabled and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return info, device
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warmup to 1, then cosine down to ``min_ratio``."""
+
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def resolve_path(recipe: Recipe, path: str) -> str:
+    """Relative paths resolve against ``storage.root`` (local folder or s3:// prefix)."""
+    from deepspec.target.store import is_s3, join
+
+    if is_s3(path) or os.path.isabs(path) or recipe.storage.root in ("", "."):
+        return path
+    return join(recipe.storage.root, path)
+
+
+def _local_file(recipe: Recipe, uri: str) -> Path:
+    """A local path for ``uri`` (downloads s3:// objects to a temp folder)."""
+    from deepspec.target.store import S3Store, is_s3
+
+    if not is_s3(uri):
+        return Path(uri)
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    return S3Store(parent, recipe.storage.s3_endpoint_url).local_copy(name)
+
+
+def default_draft_factory(cfg: Any, target: TargetModel) -> nn.Module:
+    from deepspec.models import build_draft
+
+    return build_draft(cfg, target)
+
+
+@dataclass
+class StepStats:
+    """Sums over the micro-batches since the last log line (reduced over ranks when logged)."""
+
+    loss: float = 0.0
+    micro: int = 0
+    tokens: int = 0
+    supervised: int = 0
+    steps: int = 0
+    grad_norm: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    acceptance: torch.Tensor | None = None
+    time: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    recipe: Recipe
+    dist: DistInfo
+    device: torch.device
+    target: TargetModel
+    tokenizer: Any
+    features: FeatureSource
+    sampler: ResumableBatchSampler
+    draft: nn.Module  # the bare draft (what is saved)
+    model: nn.Module  # the draft as trained (DDP / FSDP2 wrapper, or the draft itself)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    checkpointer: Checkpointer
+    metrics: MetricsLogger
+    step: int
+    total_steps: int
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        draft_factory: DraftFactory | None = None,
+        device: str | None = None,
+        resume: bool = True,
+        progress: bool = True,
+        target: TargetModel | None = None,
+        sequences: list[TokenizedSequence] | None = None,
+    ):
+        """``target`` / ``sequences`` may be given pre-built (benchmarks, tests); else the recipe's are loaded."""
+        self.recipe = recipe
+        tc = recipe.training
+        self.progress = progress
+        self.dist, self.device = init_distributed(device)
+        torch.manual_seed(tc.seed)
+
+        # 1. target (frozen) and tokenizer
+        from transformers import AutoTokenizer
+
+        from deepspec.target.files import resolve_model_path
+
+        algorithm = recipe.draft.algorithm
+        self._given_sequences = sequences
+        self.tokenizer = None
+        if target is not None:
+            self.target = target
+        else:
+            self.target = TargetModel.from_pretrained(
+                recipe.target.model,
+                recipe.draft.target_layer_ids,
+                algorithm,
+                device=self.device,
+                dtype=None if recipe.target.dtype == "auto" else recipe.target.dtype,
+                trust_remote_code=recipe.target.trust_remote_code,
+            )
+        if sequences is None:
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                resolve_model_path(recipe.target.model), trust_remote_code=recipe.target.trust_remote_code
+            )
+
+        # 2. data + features
+        self.features = self._build_features()
+        self.sampler = ResumableBatchSampler(
+            self.features.lengths, tc.global_batch_size, tc.micro_batch_size,
+            self.dist.rank, self.dist.world_size, tc.seed,
+        )  # fmt: skip
+        n = len(self.features.lengths)
+        self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * n / tc.global_batch_size))
+
+        # 3. draft (fp32 master weights) and its parallel wrapper
+        torch.manual_seed(tc.seed)
+        self.draft = (draft_factory or default_draft_factory)(recipe.draft, self.target)
+        self.draft.to(self.device, torch.float32)
+        self._init_vocab_mapping()
+
+        # 4. resume state (weights must be in place before FSDP2 shards them)
+        self.checkpointer = Checkpointer(tc.output_dir, self.dist.rank, self.dist.world_size, tc.keep_last,
+                                         barrier=self.dist.barrier)  # fmt: skip
+        ckpt = latest_checkpoint(tc.output_dir) if resume else None
+        trainer_state = None
+        if ckpt is not None:
+            weights, trainer_state = self.checkpointer.load(ckpt)
+            self.draft.load_state_dict(weights, strict=True)
+        self.model = self._wrap(self.draft)
+
+        # 5. optimizer + schedule
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95))
+        warmup = int(tc.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(warmup, self.total_steps, tc.min_lr_ratio)
+        )
+        self.step = 0
+        self.tokens_seen = 0
+        if trainer_state is not None:
+            self._restore(trainer_state)
+            log.info("resumed from %s at step %d", ckpt, self.step)
+
+        # 6. metrics
+        self.metrics = MetricsLogger(tc.output_dir, enabled=self.dist.is_main)
+        self.autocast_dtype = (
+            torch.bfloat16 if (self.device.type == "cuda" and tc.precision == "bf16") else None
+        )
+        n_draft = sum(p.numel() for p in params)
+        n_target = sum(p.numel() for p in self.target.parameters())
+        online = recipe.features.mode == "online"
+        # Rough FLOPs per real token: draft fwd+bwd, target forward when online.
+        self.flops_per_token = 6 * n_draft + (2 * n_target if online else 0)
+        self.peak_flops = peak_flops(self.device)
+
+    # ---- building blocks ------------------------------------------------------------------------
+
+    def _build_features(self) -> FeatureSource:
+        r = self.recipe
+        if r.features.mode == "offline":
+            from deepspec.target.cache import FeatureCache
+            from deepspec.target.cli import cache_identity
+
+            cache = FeatureCache(resolve_path(r, r.features.cache_path or ""), r.storage.s3_endpoint_url)
+            cache.validate(
+                cache_identity(r, self.target, self.tokenizer), needed_layer_ids=self.target.layer_ids
+            )
+            return OfflineFeatures(cache, self.target.layer_ids, self.device, self.target.dtype)
+        if self._given_sequences is not None:
+            return OnlineFeatures(self.target, self._given_sequences)
+        sequences = load_sequences(r, self.tokenizer, progress=self.progress and self.dist.is_main)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return OnlineFeatures(self.target, sequences, pad_id=pad)
+
+    def _init_vocab_mapping(self) -> None:
+        """Eagle3 with a reduced vocabulary: d2t/t2d from supervised-token frequencies of the data."""
+        cfg = self.recipe.draft
+        if (
+            cfg.algorithm != "eagle3"
+            or not cfg.draft_vocab_size
+            or not hasattr(self.draft, "set_vocab_mapping")
+        ):
+            return
+        from deepspec.models.eagle3 import build_vocab_mapping
+
+        counts = token_frequencies(self.features.sequences, self.target.vocab_size)  # type: ignore[attr-defined]
+        d2t, t2d = build_vocab_mapping(counts, cfg.draft_vocab_size)
+        self.draft.set_vocab_mapping(d2t.to(self.device), t2d.to(self.device))
+
+    def _wrap(self, draft: nn.Module) -> nn.Module:
+        if not self.dist.enabled:
+            return draft
+        if self.recipe.training.parallelism == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in getattr(draft, "layers", []):
+                fully_shard(layer)
+            return fully_shard(draft)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(draft, device_ids=ids)
+
+    # ---- state ----------------------------------------------------------------------------------
+
+    def _trainer_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": rng_state(),
+            "world_size": self.dist.world_size,
+        }
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state["world_size"] != self.dist.world_size:
+            raise RuntimeError(
+                f"checkpoint was written by {state['world_size']} processes, now {self.dist.world_size}: "
+                "resume with the same world size for an exact resume"
+            )
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        set_rng_state(state["rng"])
+
+    def _full_weights(self) -> dict[str, torch.Tensor]:
+        """The draft's trainable weights in full (gathers FSDP2 shards; call on every rank)."""
+        sd = self.draft.trainable_state_dict()
+        return {
+            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in sd.items()
+        }
+
+    def save(self) -> Path:
+        weights = self._full_weights()
+        config = dict(self.draft.draft_config()) if hasattr(self.draft, "draft_config") else {}
+        config["deepspec_training"] = {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "world_size": self.dist.world_size,
+            "recipe": self.recipe.model_dump(mode="json"),
+        }
+        path = self.checkpointer.save(
+            self.step, config, weights if self.dist.is_main else None, self._trainer_state()
+        )
+        pause = os.environ.get(PAUSE_ENV)
+        if pause and int(pause) == self.step:
+            threading.Event().wait()  # blocked until killed (testing aid, see PAUSE_ENV)
+        return path
+
+    # ---- steps ----------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def forward_backward(self, indices: list[int], scale: float, sync: bool, stats: StepStats) -> None:
+        batch = self.features.batch(indices)
+        no_sync = getattr(self.model, "no_sync", None)
+        ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
+        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(sync)
+        with ctx:
+            with self._autocast():
+                out = self.model(batch)
+            (out.loss * scale).backward()
+        stats.loss += float(out.loss.detach())
+        stats.micro += 1
+        stats.tokens += int(batch.attention_mask.sum())
+        stats.supervised += int((batch.loss_mask.bool() & batch.attention_mask.bool()).sum())
+        for k, v in out.metrics.items():
+            stats.metrics[k] = stats.metrics.get(k, 0.0) + float(v)
+        if out.position_acceptance is not None:
+            acc = out.position_acceptance.detach().float().cpu()
+            stats.acceptance = acc if stats.acceptance is None else stats.acceptance + acc
+
+    def train_step(self, stats: StepStats) -> None:
+        micro_batches = self.sampler.next_global_batch()
+        self.optimizer.zero_grad(set_to_none=True)
+        for j, indices in enumerate(micro_batches):
+            self.forward_backward(indices, 1.0 / len(micro_batches), j == len(micro_batches) - 1, stats)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], self.recipe.training.grad_clip
+        )
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        stats.steps += 1
+        stats.grad_norm += float(grad_norm)
+
+    def _reduce(self, stats: StepStats) -> dict[str, Any]:
+        keys = sorted(stats.metrics)
+        g = 0 if stats.acceptance is None else stats.acceptance.numel()
+        vec = torch.tensor(
+            [stats.loss, stats.micro, stats.tokens, stats.supervised, *[stats.metrics[k] for k in keys]]
+            + (stats.acceptance.tolist() if g else []),
+            dtype=torch.float64,
+        )
+        if self.dist.enabled:
+            vec = vec.to(self.device)
+            dist.all_reduce(vec)
+            vec = vec.cpu()
+        micro = max(vec[1].item(), 1.0)
+        out: dict[str, Any] = {
+            "loss": vec[0].item() / micro,
+            "tokens": int(vec[2].item()),
+            "supervised_tokens": int(vec[3].item()),
+        }
+        for i, k in enumerate(keys):
+            out[k] = vec[4 + i].item() / micro
+        if g:
+            acc = vec[4 + len(keys) :].float() / micro
+            out["tau"] = tau_estimate(acc)
+            out["acceptance"] = [round(a, 4) for a in acc.tolist()]
+        return out
+
+    def _log(self, stats: StepStats, bar: Any) -> None:
+        values = self._reduce(stats)
+        dt = max(stats.time, 1e-9)
+        tok_s = values["tokens"] / dt
+        values.update(
+            lr=self.scheduler.get_last_lr()[0],
+            grad_norm=stats.grad_norm / max(stats.steps, 1),
+            tokens_per_s=tok_s,
+            step_time_s=dt / max(stats.steps, 1),
+            epoch=self.sampler.epoch_float,
+        )
+        if self.device.type == "cuda":
+            values["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            if self.peak_flops:
+                values["mfu"] = tok_s * self.flops_per_token / (self.peak_flops * self.dist.world_size)
+        self.metrics.log(self.step, values)
+        if bar is not None:
+            post = {"loss": f"{values['loss']:.3f}", "tok/s": f"{tok_s:,.0f}"}
+            if "tau" in values:
+                post["tau"] = f"{values['tau']:.2f}"
+            bar.set_postfix(post)
+        self.last_metrics = values
+
+    # ---- loop -----------------------------------------------------------------------------------
+
+    def train(self) -> dict[str, Any]:
+        tc = self.recipe.training
+        bar = None
+        if self.progress and self.dist.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True
+            )
+        self.last_metrics: dict[str, Any] = {}
+        stats = StepStats()
+        self.model.train()
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            self.train_step(stats)
+            stats.time += time.perf_counter() - t0
+            self.tokens_seen += stats.tokens
+            if bar is not None:
+                bar.update(1)
+            if self.step % tc.log_every == 0 or self.step == self.total_steps:
+                self._log(stats, bar)
+                stats = StepStats()
+            if self.step % tc.save_every == 0 or self.step == self.total_steps:
+                self.save()
+        if bar is not None:
+            bar.close()
+        self.metrics.close()
+        return self.last_metrics
+
+    def close(self) -> None:
+        if self.dist.enabled and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def load_sequences(recipe: Recipe, tokenizer: Any, progress: bool = False) -> list[TokenizedSequence]:
+    """Regenerated JSONL of the recipe -> tokenized training sequences (with loss masks)."""
+    path = _local_file(recipe, resolve_path(recipe, recipe.regeneration.output))
+    stats = LoadStats()
+    records = load_training_records(path, stats)
+    if recipe.data.max_samples:
+        records = records[: recipe.data.max_samples]
+    seqs = tokenize_records(
+        records,
+        tokenizer,
+        recipe.data.max_length,
+        chat_template_kwargs_from(recipe),
+        stats,
+        progress=progress,
+    )
+    if not seqs:
+        raise ValueError(
+            f"no trainable sequences in {path}: {stats.kept} records kept, {stats.skipped_status} skipped by "
+            f"status, {stats.bad_lines} unreadable, {stats.no_supervision} without assistant tokens"
+        )
+    return seqs
