@@ -1,1 +1,1 @@
-"""operator"""
+"""Kubernetes operator for DraftTraining resources (kopf handlers over pure builders)."""

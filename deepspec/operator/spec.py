@@ -1,0 +1,468 @@
+"""The ``DraftTraining`` custom resource: spec and status models.
+
+The spec is *composed from the recipe models* in :mod:`deepspec.config`:
+
+* whole recipe sections are embedded as they are (``regeneration.sampling`` is a
+  :class:`~deepspec.config.SamplingConfig`, ``evaluation.gate`` a :class:`~deepspec.config.GateConfig`,
+  ``features`` a :class:`~deepspec.config.FeaturesConfig`), so their keys are the recipe's keys;
+* single operator-facing fields borrow the recipe field's type constraints, default and description
+  through :func:`recipe_field` (``target.servedModelName`` *is* ``TargetConfig.served_model_name``);
+* operator-only fields (images, GPUs, storage, scheduling) are defined here in Kubernetes camelCase.
+
+Cross-field rules exist twice on purpose: as CEL ``x-kubernetes-validations`` (enforced by the API
+server, declared with :func:`cel`) and as pydantic validators (enforced by the operator and mirrored
+in the tests). Each CEL rule sits next to its Python twin.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
+
+from deepspec.config import (
+    DataConfig,
+    DraftModelConfig,
+    EvaluationConfig,
+    ExportConfig,
+    FeaturesConfig,
+    GateConfig,
+    RegenerationConfig,
+    SamplingConfig,
+    StorageConfig,
+    TargetConfig,
+    TrainingConfig,
+)
+
+GROUP = "deepspec.io"
+VERSION = "v1alpha1"
+KIND = "DraftTraining"
+PLURAL = "drafttrainings"
+SINGULAR = "drafttraining"
+SHORT_NAMES = ["dt"]
+
+DEFAULT_IMAGE = "ghcr.io/deepspec/deepspec:0.1.0"
+DEFAULT_SGLANG_IMAGE = "lmsysorg/sglang:v0.5.4-cu126"
+
+
+def recipe_field(model: type[BaseModel], name: str, **changes: Any) -> Any:
+    """A copy of ``model``'s field ``name`` (constraints, default, description), optionally changed."""
+    info: FieldInfo = copy.deepcopy(model.model_fields[name])
+    for key, value in changes.items():
+        setattr(info, key, value)
+    return info
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One CEL rule as it appears under ``x-kubernetes-validations``."""
+    out = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+class SpecModel(BaseModel):
+    """Base of the spec models: unknown keys are errors (the API server prunes them anyway)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.target: the SGLang target server
+# --------------------------------------------------------------------------------------------------
+
+
+class TargetSpec(SpecModel):
+    """The frozen target model and the SGLang server the operator runs for regeneration."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.gpus % self.tensorParallelSize == 0",
+                    "target.gpus must be a multiple of target.tensorParallelSize (data-parallel replicas)",
+                    ".gpus",
+                )
+            ]
+        }
+    )
+
+    model: str = recipe_field(
+        TargetConfig,
+        "model",
+        default=PydanticUndefined,
+        description=(
+            "Target model: HF hub id (the server downloads it into the model cache) or a path on the run's volume."
+        ),
+    )
+    revision: str | None = recipe_field(TargetConfig, "revision")
+    servedModelName: str | None = recipe_field(TargetConfig, "served_model_name")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = recipe_field(TargetConfig, "dtype")
+    trustRemoteCode: bool = recipe_field(TargetConfig, "trust_remote_code")
+    image: str = Field(DEFAULT_SGLANG_IMAGE, description="SGLang server image (pinned tag).")
+    tensorParallelSize: int = Field(1, ge=1, le=64, description="SGLang --tp-size.")
+    gpus: int = Field(
+        1, ge=1, le=64, description="GPUs per server pod (gpus / tensorParallelSize = --dp-size)."
+    )
+    port: int = Field(30000, ge=1024, le=65535, description="Server port.")
+    shmSize: str = Field("16Gi", description="Size of the /dev/shm memory volume.")
+    modelCacheClaim: str | None = Field(
+        None, description="Existing PVC holding the HF cache (default: an emptyDir of modelCacheSize)."
+    )
+    modelCacheSize: str = Field("200Gi", description="emptyDir size limit of the model cache.")
+    extraArgs: list[str] = Field(default_factory=list, description="Extra sglang.launch_server flags.")
+    resources: dict[str, Any] = Field(
+        default_factory=dict, description="Container resources (core ResourceRequirements); GPUs are added."
+    )
+
+    @model_validator(mode="after")
+    def _gpus_multiple_of_tp(self) -> TargetSpec:
+        if self.gpus % self.tensorParallelSize:
+            raise ValueError(
+                "target.gpus must be a multiple of target.tensorParallelSize (data-parallel replicas)"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.dataset, spec.regeneration
+# --------------------------------------------------------------------------------------------------
+
+
+class DatasetSpec(SpecModel):
+    """Input conversations (regenerated by the target)."""
+
+    path: str = recipe_field(
+        DataConfig,
+        "path",
+        default=PydanticUndefined,
+        description=(
+            "JSONL conversations: a path relative to the run volume's root (/data), an absolute path, or s3://."
+        ),
+    )
+    format: Literal["auto", "openai", "sharegpt", "turns"] = recipe_field(DataConfig, "format")
+    maxSamples: int | None = recipe_field(DataConfig, "max_samples")
+    maxLength: int = recipe_field(DataConfig, "max_length")
+
+
+class RegenerationSpec(SpecModel):
+    """Regeneration fan-out: an Indexed Job, one shard per completion index."""
+
+    replicas: int = Field(1, ge=1, le=512, description="Shards = Job completions = parallel pods.")
+    concurrency: int = recipe_field(RegenerationConfig, "concurrency")
+    sampling: SamplingConfig = Field(
+        default_factory=SamplingConfig, description="Recipe keys (SamplingConfig)."
+    )
+    thinking: bool | None = recipe_field(RegenerationConfig, "thinking")
+    maxRetries: int = recipe_field(RegenerationConfig, "max_retries")
+    resources: dict[str, Any] = Field(default_factory=dict, description="Container resources of a shard pod.")
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.features, spec.training
+# --------------------------------------------------------------------------------------------------
+
+
+class FeaturesSpec(FeaturesConfig):
+    """Recipe keys (FeaturesConfig). A relative cache_path resolves under the run's storage."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.mode != 'offline' || (has(self.cache_path) && self.cache_path != '')",
+                    "features.cache_path is required when features.mode is 'offline'",
+                    ".cache_path",
+                )
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _offline_needs_cache(self) -> FeaturesSpec:
+        if self.mode == "offline" and not self.cache_path:
+            raise ValueError("features.cache_path is required when features.mode is 'offline'")
+        return self
+
+
+class TrainingSpec(SpecModel):
+    """Distributed training under torchrun (Kubeflow PyTorchJob or Trainer TrainJob)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.nodes * self.gpusPerNode > 0",
+                    "training.nodes * training.gpusPerNode must be > 0",
+                    ".gpusPerNode",
+                )
+            ]
+        }
+    )
+
+    algorithm: Literal["eagle3", "dflash", "dspark"] = recipe_field(DraftModelConfig, "algorithm")
+    backend: Literal["auto", "pytorchjob", "trainjob"] = Field(
+        "auto", description="'auto' = PyTorchJob when kubeflow.org/v1 is served, else TrainJob."
+    )
+    nodes: int = Field(1, ge=1, le=256, description="Nodes (PyTorchJob: 1 Master + nodes-1 Workers).")
+    gpusPerNode: int = Field(8, ge=0, le=16, description="GPUs per node = torchrun --nproc-per-node.")
+    parallelism: Literal["ddp", "fsdp2"] = recipe_field(TrainingConfig, "parallelism")
+    epochs: float = recipe_field(TrainingConfig, "epochs")
+    maxSteps: int | None = recipe_field(TrainingConfig, "max_steps")
+    recipe: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Inline recipe fragment (any recipe keys, e.g. {draft: {ttt_steps: 5}}) merged under the spec.",
+    )
+    overrides: list[str] = Field(
+        default_factory=list, description="Dotted recipe overrides applied last, e.g. 'training.lr=3e-4'."
+    )
+    trainingRuntime: str = Field(
+        "torch-distributed", description="TrainJob: name of the ClusterTrainingRuntime to reference."
+    )
+    resources: dict[str, Any] = Field(default_factory=dict, description="Container resources per node.")
+
+    @model_validator(mode="after")
+    def _some_gpus(self) -> TrainingSpec:
+        if self.nodes * self.gpusPerNode <= 0:
+            raise ValueError("training.nodes * training.gpusPerNode must be > 0")
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.evaluation, spec.export
+# --------------------------------------------------------------------------------------------------
+
+
+class EvaluationSpec(SpecModel):
+    """Accepted-length evaluation and the gate a new draft must pass to become the serving one."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "!has(self.gate.min_accept_length) || self.gate.min_accept_length <= double(self.numProposals) + 1.0",
+                    "evaluation.gate.min_accept_length cannot exceed evaluation.numProposals + 1",
+                    ".gate.min_accept_length",
+                ),
+                cel(
+                    "!has(self.gate.max_drop) || self.gate.max_drop < double(self.numProposals)",
+                    "evaluation.gate.max_drop must be below evaluation.numProposals",
+                    ".gate.max_drop",
+                ),
+            ]
+        }
+    )
+
+    benchmarksDir: str = recipe_field(
+        EvaluationConfig,
+        "benchmarks_dir",
+        default="benchmarks",
+        description=(
+            "Directory of {turns} JSONL benchmark files, relative to the run volume's root (/data) or absolute."
+        ),
+    )
+    benchmarks: list[str] = Field(
+        default_factory=lambda: ["gsm8k", "mt-bench"], min_length=1, description="Benchmark file stems."
+    )
+    caps: dict[str, int] = recipe_field(EvaluationConfig, "caps")
+    maxPrompts: int | None = recipe_field(EvaluationConfig, "max_prompts")
+    numProposals: int = recipe_field(EvaluationConfig, "num_proposals")
+    temperature: float = recipe_field(EvaluationConfig, "temperature")
+    thinking: bool = recipe_field(EvaluationConfig, "thinking")
+    gate: GateConfig = Field(default_factory=GateConfig, description="Recipe keys (GateConfig).")
+    baselineAcceptLength: float | None = Field(
+        None,
+        ge=1.0,
+        description="Baseline macro accepted length before any draft serves (gate max_drop, alerts).",
+    )
+    gpus: int = Field(1, ge=1, le=16, description="GPUs of the evaluation pod.")
+    resources: dict[str, Any] = Field(default_factory=dict, description="Container resources.")
+
+    @model_validator(mode="after")
+    def _gate_sane(self) -> EvaluationSpec:
+        g = self.gate
+        if g.min_accept_length is not None and g.min_accept_length > self.numProposals + 1:
+            raise ValueError("evaluation.gate.min_accept_length cannot exceed evaluation.numProposals + 1")
+        if g.max_drop is not None and g.max_drop >= self.numProposals:
+            raise ValueError("evaluation.gate.max_drop must be below evaluation.numProposals")
+        return self
+
+
+class ExportSpec(SpecModel):
+    """Serving-engine checkpoint written after the gate."""
+
+    enabled: bool = Field(True, description="Run the export Job.")
+    format: Literal["sglang", "vllm"] = recipe_field(ExportConfig, "format")
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.storage, spec.scheduling
+# --------------------------------------------------------------------------------------------------
+
+
+class PVCStorage(SpecModel):
+    """A PersistentVolumeClaim mounted at /data in every pod."""
+
+    size: str = Field("500Gi", description="Requested size (ignored with existingClaim).")
+    storageClassName: str | None = Field(None, description="Storage class (cluster default when unset).")
+    accessMode: Literal["ReadWriteMany", "ReadWriteOnce"] = Field(
+        "ReadWriteMany", description="ReadWriteMany is needed when Jobs run on several nodes."
+    )
+    existingClaim: str | None = Field(None, description="Use this PVC instead of creating one.")
+
+
+class SecretRef(SpecModel):
+    """A Secret in the resource's namespace."""
+
+    name: str = Field(..., min_length=1, description="Secret name.")
+
+
+class S3Storage(SpecModel):
+    """An S3 prefix; credentials come from a Secret (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."""
+
+    bucket: str | None = Field(None, description="Bucket name.")
+    prefix: str = Field("deepspec", description="Key prefix under the bucket.")
+    endpointUrl: str | None = recipe_field(StorageConfig, "s3_endpoint_url")
+    credentialsSecretRef: SecretRef | None = Field(None, description="Secret with the AWS_* credential keys.")
+
+
+class StorageSpec(SpecModel):
+    """Run artefacts live under /data/<resource>/<run-id>/ (PVC) or s3://bucket/prefix/<resource>/<run-id>/."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel("!(has(self.pvc) && has(self.s3))", "storage: set either pvc or s3, not both", ".s3"),
+                cel(
+                    "!has(self.s3) || (has(self.s3.bucket) && self.s3.bucket != '' && has(self.s3.credentialsSecretRef))",
+                    "storage.s3 needs bucket and credentialsSecretRef",
+                    ".s3",
+                ),
+            ]
+        }
+    )
+
+    pvc: PVCStorage | None = Field(None, description="PVC storage (the default when neither is set).")
+    s3: S3Storage | None = Field(None, description="S3 storage.")
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> StorageSpec:
+        if self.pvc is not None and self.s3 is not None:
+            raise ValueError("storage: set either pvc or s3, not both")
+        if self.s3 is not None and (not self.s3.bucket or self.s3.credentialsSecretRef is None):
+            raise ValueError("storage.s3 needs bucket and credentialsSecretRef")
+        return self
+
+    @property
+    def effective_pvc(self) -> PVCStorage | None:
+        """The PVC settings in force (defaults when no backend is set)."""
+        if self.s3 is not None:
+            return None
+        return self.pvc or PVCStorage()
+
+
+class SchedulingSpec(SpecModel):
+    """Placement of every pod the operator creates."""
+
+    nodeSelector: dict[str, str] = Field(default_factory=dict, description="Node selector.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Core Toleration objects.")
+    priorityClassName: str | None = Field(None, description="Priority class of every pod.")
+
+
+# --------------------------------------------------------------------------------------------------
+# spec
+# --------------------------------------------------------------------------------------------------
+
+
+class DraftTrainingSpec(SpecModel):
+    """Desired state: a draft model for ``target``, trained, evaluated and exported."""
+
+    target: TargetSpec
+    dataset: DatasetSpec
+    regeneration: RegenerationSpec = Field(default_factory=RegenerationSpec)
+    features: FeaturesSpec = Field(default_factory=FeaturesSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
+    image: str = Field(DEFAULT_IMAGE, description="deepspec image of every Job (regenerate, train, eval...).")
+    imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent")
+    serviceAccountName: str | None = Field(None, description="Service account of the workload pods.")
+    maxRetries: int = Field(2, ge=0, le=10, description="Re-creations of a failed stage before Stalled.")
+
+
+# --------------------------------------------------------------------------------------------------
+# status
+# --------------------------------------------------------------------------------------------------
+
+
+class Condition(BaseModel):
+    """A standard Kubernetes condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    lastTransitionTime: str | None = None
+    observedGeneration: int | None = None
+
+
+class BenchmarkResult(BaseModel):
+    """Per-benchmark figures from the evaluation summary."""
+
+    tau: float = Field(..., description="Accepted length (tokens per verification round).")
+    acceptance_ratio: float | None = None
+    n: int | None = None
+
+
+class Results(BaseModel):
+    """The latest evaluation (of whichever run produced it)."""
+
+    runId: str | None = None
+    macroAcceptLength: float | None = None
+    benchmarks: dict[str, BenchmarkResult] = Field(default_factory=dict)
+    checkpoint: str | None = None
+    targetRevision: str | None = None
+    gatePassed: bool | None = None
+    evaluatedAt: str | None = None
+
+
+class Serving(BaseModel):
+    """The draft that passed the gate and is the one to serve."""
+
+    runId: str | None = None
+    checkpoint: str | None = None
+    exportUri: str | None = None
+    targetRevision: str | None = None
+    macroAcceptLength: float | None = None
+    since: str | None = None
+
+
+class RunStatus(BaseModel):
+    """The run in progress (or the last one): id = short hash of the spec."""
+
+    id: str | None = None
+    targetRevision: str | None = None
+    storageUri: str | None = None
+    startedAt: str | None = None
+    attempts: dict[str, int] = Field(default_factory=dict)
+    children: dict[str, str] = Field(default_factory=dict, description="stage -> child object name")
+    trainingBackend: str | None = None
+
+
+class DraftTrainingStatus(BaseModel):
+    """Observed state, written by the operator only."""
+
+    phase: str | None = None
+    observedGeneration: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    run: RunStatus = Field(default_factory=RunStatus)
+    results: Results = Field(default_factory=Results)
+    serving: Serving = Field(default_factory=Serving)
+    checkpointUri: str | None = None
+    trainedTargetRevision: str | None = None
+    message: str | None = None

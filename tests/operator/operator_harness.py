@@ -1,0 +1,184 @@
+"""Helpers of the operator tests: paths, example resources, a kopf operator running against kmock."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMAS = REPO / "../shared/k8s-schemas"
+EXAMPLES = sorted((REPO / "manifests/examples").glob("*.yaml"))
+CHART = REPO / "charts/deepspec-operator"
+NS = "ml"
+
+
+def load_example(name: str) -> dict[str, Any]:
+    return yaml.safe_load((REPO / "manifests/examples" / name).read_text())
+
+
+class Cluster:
+    """kmock + a kopf operator that can be stopped and restarted; helpers to play the kubelet."""
+
+    def __init__(self, kmock: Any) -> None:
+        from deepspec.operator.kube import KubeApi
+
+        self.kmock = kmock
+        self.api = KubeApi(str(kmock.url).rstrip("/"), user_agent="deepspec-tests")  # plays kubelet & user
+        self.task: asyncio.Task[None] | None = None
+        self.stop_flag: asyncio.Event | None = None
+        self.metrics: Any = None
+
+    def declare(self, *, pytorchjob: bool = True, podmonitor: bool = True) -> None:
+        info = self.kmock.ResourceInfo
+        res = self.kmock.resources
+        res["deepspec.io/v1alpha1/drafttrainings"] = info(
+            kind="DraftTraining", namespaced=True, verbs={"get", "list", "watch", "patch"},
+            subresources={"status"}, shortnames={"dt"},
+        )  # fmt: skip
+        for path, kind in [
+            ("v1/pods", "Pod"), ("v1/configmaps", "ConfigMap"), ("v1/services", "Service"),
+            ("v1/persistentvolumeclaims", "PersistentVolumeClaim"), ("v1/events", "Event"),
+            ("apps/v1/deployments", "Deployment"), ("batch/v1/jobs", "Job"),
+            ("v1/namespaces", "Namespace"), ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition"),
+        ]:  # fmt: skip
+            cluster_scoped = kind in ("Namespace", "CustomResourceDefinition")
+            res[path] = info(
+                kind=kind, namespaced=not cluster_scoped, verbs={"get", "list", "watch", "create", "patch"}
+            )
+        if pytorchjob:
+            res["kubeflow.org/v1/pytorchjobs"] = info(
+                kind="PyTorchJob", namespaced=True, verbs={"get", "create"}
+            )
+        if podmonitor:
+            res["monitoring.coreos.com/v1/podmonitors"] = info(
+                kind="PodMonitor", namespaced=True, verbs={"get", "create"}
+            )
+
+    async def start(self) -> None:
+        import kopf
+
+        from deepspec.operator.handlers import build_registry
+        from deepspec.operator.kube import KubeApi
+        from deepspec.operator.metrics import OperatorMetrics
+
+        registry = build_registry(interval=0.1, metrics_port=None)
+        url = str(self.kmock.url)
+
+        @kopf.on.login(registry=registry)
+        def login(**_: Any) -> kopf.ConnectionInfo:
+            return kopf.ConnectionInfo(server=url, insecure=True)
+
+        self.metrics = self.metrics or OperatorMetrics()
+        memo = kopf.Memo(api=KubeApi(url.rstrip("/")), metrics=self.metrics)
+        settings = kopf.OperatorSettings()
+        settings.watching.server_timeout = 10
+        settings.scanning.disabled = True  # the namespace is given; no namespace/CRD scanning
+        self.stop_flag = asyncio.Event()
+        self.task = asyncio.create_task(
+            kopf.operator(registry=registry, settings=settings, namespaces=[NS], standalone=True,
+                          memo=memo, stop_flag=self.stop_flag)
+        )  # fmt: skip
+
+    async def stop(self) -> None:
+        assert self.task is not None and self.stop_flag is not None
+        self.stop_flag.set()
+        with contextlib.suppress(asyncio.CancelledError, asyncio.TimeoutError):
+            await asyncio.wait_for(self.task, 10)
+        self.task = None
+
+    # ---- the objects ---------------------------------------------------------------------------
+
+    async def dt(self, name: str) -> dict[str, Any]:
+        obj = await self.api.get("deepspec.io/v1alpha1", "DraftTraining", NS, name)
+        assert obj is not None
+        return obj
+
+    async def wait(self, predicate: Callable[[], Awaitable[Any]], what: str, timeout: float = 20) -> Any:
+        """Poll ``predicate`` until truthy (the operator works in the background)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            value = await predicate()
+            if value:
+                return value
+            if loop.time() > deadline:
+                raise AssertionError(f"timed out waiting for {what}")
+            await asyncio.sleep(0.05)
+
+    async def wait_child(self, api_version: str, kind: str, name: str) -> dict[str, Any]:
+        return await self.wait(lambda: self.api.get(api_version, kind, NS, name), f"{kind} {name}")
+
+    async def wait_phase(self, name: str, phase: str, timeout: float = 20) -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            obj = await self.dt(name)
+            return obj if (obj.get("status") or {}).get("phase") == phase else None
+
+        return await self.wait(check, f"phase {phase}", timeout)
+
+    async def set_status(self, api_version: str, kind: str, name: str, status: dict[str, Any]) -> None:
+        await self.api.patch(api_version, kind, NS, name, {"status": status}, subresource="status")
+
+    async def finish_job(
+        self, name: str, ok: bool = True, kind: str = "Job", api_version: str = "batch/v1"
+    ) -> None:
+        ctype = (
+            {"Job": "Complete", "PyTorchJob": "Succeeded", "TrainJob": "Complete"}[kind] if ok else "Failed"
+        )
+        await self.set_status(api_version, kind, name, {
+            "conditions": [{"type": ctype, "status": "True", "reason": "Test", "message": "BackoffLimitExceeded" if not ok else "done"}],
+        })  # fmt: skip
+
+    async def add_eval_pod(self, job: str, summary: dict[str, Any]) -> None:
+        import json
+
+        pod = {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": f"{job}-abcde", "namespace": NS, "labels": {"job-name": job}},
+            "spec": {"containers": [{"name": "evaluate", "image": "x"}]},
+            "status": {"containerStatuses": [{"name": "evaluate", "state": {"terminated": {"exitCode": 0, "message": json.dumps(summary)}}}]},
+        }  # fmt: skip
+        await self.api.create(pod)
+
+
+def deep(obj: dict[str, Any]) -> dict[str, Any]:
+    return copy.deepcopy(obj)
+
+
+def operator_permissions(kmock: Any) -> set[tuple[str, str, str]]:
+    """(verb, apiGroup, resource[/subresource]) of every request kopf or the operator's client made."""
+    used: set[tuple[str, str, str]] = set()
+    for r in list(kmock):
+        agent = r.headers.get("User-Agent", "")
+        if (
+            r.resource is None
+            or r.resource.plural is None
+            or not agent.startswith(("kopf/", "deepspec-operator"))
+        ):
+            continue
+        method = r.method.value
+        if method == "GET":
+            verb = "get" if r.name else ("watch" if r.params.get("watch") in ("true", "1") else "list")
+        else:
+            verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}[method]
+        resource = r.resource.plural + (f"/{r.subresource}" if r.subresource else "")
+        used.add((verb, r.resource.group or "", resource))
+    return used
+
+
+def clusterrole_rules(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The rules of the chart's rendered ClusterRole."""
+    from helm_python.chart import Chart
+
+    out = Chart.load(str(CHART)).render(values or {}, name="ds", namespace="ops")
+    role = yaml.safe_load(out["deepspec-operator/templates/clusterrole.yaml"])
+    return role["rules"]
+
+
+def allowed(rules: list[dict[str, Any]], verb: str, group: str, resource: str) -> bool:
+    return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules)

@@ -1,0 +1,115 @@
+"""The Helm chart renders and lints (helm-python-sdk) with default and non-default values."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from helm_python.chart import Chart, lint
+from operator_harness import CHART, allowed, clusterrole_rules
+from test_children import external_validator
+
+from deepspec.operator.crd import crd_yaml
+
+NON_DEFAULT = {
+    "image": {"repository": "registry.example.com/deepspec", "tag": "0.1.0-rc1", "pullPolicy": "Always"},
+    "reconcileInterval": 30,
+    "watchNamespaces": ["llm", "research"],
+    "serviceAccount": {"create": False, "name": "ops-sa"},
+    "resources": {"requests": {"cpu": "200m", "memory": "512Mi"}},
+    "nodeSelector": {"kubernetes.io/arch": "amd64"},
+    "priorityClassName": "system-cluster-critical",
+    "metrics": {
+        "port": 9090,
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}},
+        "prometheusRule": {"enabled": True, "evalDropMargin": 0.2},
+        "grafanaDashboard": {"enabled": True},
+    },
+}
+
+
+def render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    out = Chart.load(str(CHART)).render(values, name="ds", namespace="ops")
+    docs = []
+    for path, text in out.items():
+        if path.endswith(".yaml"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+@pytest.mark.parametrize("values", [{}, NON_DEFAULT], ids=["default", "non-default"])
+def test_chart_renders_valid_objects_and_lints(values: dict[str, Any]) -> None:
+    docs = render(values)
+    kinds = {d["kind"] for d in docs}
+    assert {"ClusterRole", "ClusterRoleBinding", "Deployment"} <= kinds
+    for d in docs:
+        if d["apiVersion"].startswith("monitoring.coreos.com"):
+            errors = list(external_validator(d["apiVersion"], d["kind"]).iter_errors(d))
+            assert not errors, [e.message for e in errors]
+        else:
+            kubernetes_validate.validate(d, "1.37.0", strict=True)
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    report = lint(str(CHART), values, strict=True)
+    assert not report["errors"] and not [m for m in report["messages"] if m["severity"] >= 2], report
+
+
+def test_non_default_values_take_effect() -> None:
+    docs = render(NON_DEFAULT)
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["image"] == "registry.example.com/deepspec:0.1.0-rc1"
+    assert (
+        "--namespace=llm" in c["args"] and "--metrics-port=9090" in c["args"] and "--interval=30" in c["args"]
+    )
+    assert pod["serviceAccountName"] == "ops-sa" and "ServiceAccount" not in {d["kind"] for d in docs}
+    kinds = {d["kind"] for d in docs}
+    assert {"ServiceMonitor", "PrometheusRule", "ConfigMap"} <= kinds
+    dash = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert '"uid": "deepspec-drafts"' in dash["data"]["deepspec-drafts.json"]
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert {"ServiceMonitor", "PrometheusRule"}.isdisjoint({d["kind"] for d in render({})})
+
+
+def test_chart_crd_is_the_generated_one() -> None:
+    assert (CHART / "crds/drafttrainings.deepspec.io.yaml").read_text() == crd_yaml()
+
+
+def test_clusterrole_is_least_privilege() -> None:
+    rules = clusterrole_rules()
+    for r in rules:
+        for field in ("apiGroups", "resources", "verbs"):
+            assert "*" not in r[field], r
+        assert not {"delete", "deletecollection", "update", "escalate", "bind", "impersonate"} & set(
+            r["verbs"]
+        ), r
+    assert not allowed(rules, "get", "", "secrets")
+    assert not allowed(rules, "create", "", "pods")
+    assert allowed(rules, "patch", "deepspec.io", "drafttrainings/status")
+
+
+def rbac_manifest() -> str:
+    """manifests/rbac.yaml = the chart's ServiceAccount + ClusterRole + binding (release deepspec-operator)."""
+    out = Chart.load(str(CHART)).render({}, name="deepspec-operator", namespace="deepspec-system")
+    parts = [
+        out[f"deepspec-operator/templates/{n}.yaml"].strip()
+        for n in ("serviceaccount", "clusterrole", "clusterrolebinding")
+    ]
+    header = (
+        "# Rendered from charts/deepspec-operator (release deepspec-operator, namespace deepspec-system).\n"
+    )
+    return header + "---\n" + "\n---\n".join(parts) + "\n"
+
+
+def test_manifests_rbac_matches_chart() -> None:
+    import os
+
+    path = CHART.parents[1] / "manifests/rbac.yaml"
+    if os.environ.get("DEEPSPEC_UPDATE_GOLDENS"):
+        path.write_text(rbac_manifest())
+    assert path.read_text() == rbac_manifest(), (
+        "manifests/rbac.yaml is stale: DEEPSPEC_UPDATE_GOLDENS=1 pytest tests/operator/test_chart.py"
+    )
