@@ -6,6 +6,7 @@ Library first, CLI (``deepspec regenerate``) thin over it:
 * :mod:`.endpoints`: the official ``openai`` async client over one or many base URLs, with
   per-endpoint concurrency, a health probe, retries (exponential backoff, full jitter) and timeouts;
 * :mod:`.journal`: the append-only, fsync'd journal that makes a run resumable after SIGKILL;
+* :mod:`.workers`: ``--workers N`` client processes, each with its own journal, folded by the parent;
 * :mod:`.shards`: output file naming, ``--shard i/n`` for Kubernetes Indexed Jobs, and the merge;
 * :mod:`.summary`: the accounting invariant ``ok + truncated + error + skipped == input`` and stats;
 * :mod:`.runner`: :func:`regenerate` ties them together.

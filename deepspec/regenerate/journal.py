@@ -6,12 +6,14 @@ records it holds, and appends the rest. The journal tolerates a SIGKILL at any m
 line (no trailing newline, or not JSON) is cut off before appending.
 
 Writes go through one background thread that does *group commit*: it takes every record queued so
-far, writes them, flushes and fsyncs once. A record is journaled (and will never be re-sent) only
+far, writes them, flushes and fsyncs once (the event loop hands records over once per loop
+iteration, not once per record). A record is journaled (and will never be re-sent) only
 after its fsync returned, and the event loop never blocks on the disk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import queue
@@ -32,13 +34,21 @@ def _describe(value: Any) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-def load_journal(path: Path) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any]]]:
-    """Read a journal: (header or None, entries by index). Cuts a torn last line off the file."""
+def load_journal(
+    path: Path, *, repair: bool = True
+) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any]]]:
+    """Read a journal: (header or None, entries by index).
+
+    With ``repair`` a torn last line is cut off the file (so that appends start clean); without it
+    the file is only read (a torn line is ignored).
+    """
     if not path.exists():
         return None, {}
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):  # torn tail from a crash mid-write: drop it so that appends start clean
+    if end < len(data) and not repair:
+        data = data[:end]
+    elif end < len(data):  # torn tail from a crash mid-write
         with open(path, "r+b") as f:
             f.truncate(end)
             f.flush()
@@ -84,15 +94,38 @@ def check_fingerprint(path: Path, old: dict[str, Any], new: dict[str, Any]) -> N
 
 
 class JournalWriter:
-    """Appends records to a journal from a background thread (group commit, fsync per batch)."""
+    """Appends records to a journal from a background thread (group commit, fsync per batch).
 
-    def __init__(self, path: Path, fingerprint: dict[str, Any]) -> None:
+    With ``lock`` the writer holds an exclusive ``flock`` on the file while open: a worker process
+    does so, and the parent of a later run waits for that lock before folding the worker's journal
+    (so a stray worker can never write into a journal that is being folded).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        fingerprint: dict[str, Any],
+        *,
+        lock: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
         self.path = path
         fresh = not path.exists() or path.stat().st_size == 0
         self._file = open(path, "ab")  # noqa: SIM115 - closed in close()
+        if lock:
+            import fcntl
+
+            try:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                self._file.close()
+                raise RuntimeError(f"the journal {path} is in use by another process") from None
         if fresh:
-            self._write([{MAGIC: VERSION, "fingerprint": fingerprint}])
-        self._queue: queue.SimpleQueue[dict[str, Any] | None] = queue.SimpleQueue()
+            self._write([{MAGIC: VERSION, "fingerprint": fingerprint, **(extra or {})}])
+        # Items: a list of records, a sync() barrier, or None (stop).
+        self._queue: queue.SimpleQueue[list[dict[str, Any]] | threading.Event | None] = queue.SimpleQueue()
+        self._pending: list[dict[str, Any]] = []  # appended in this event-loop iteration
+        self._scheduled = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="journal-writer", daemon=True)
         self._thread.start()
@@ -114,20 +147,50 @@ class JournalWriter:
                     break
             if None in batch:
                 stop = True
-                batch = [r for r in batch if r is not None]
-            if batch:
+            records = [r for item in batch if isinstance(item, list) for r in item]
+            if records:
                 try:
-                    self._write(batch)
-                except BaseException as e:  # surfaced by append()/close()
+                    self._write(records)
+                except BaseException as e:  # surfaced by append()/close()/sync()
                     self._error = e
-                    return
+            for r in batch:  # sync() barriers: everything queued before them is on disk now
+                if isinstance(r, threading.Event):
+                    r.set()
+            if self._error is not None:
+                return
 
     def append(self, record: dict[str, Any]) -> None:
+        """Queue a record. Inside an event loop, the records of one loop iteration are handed to the
+        writer thread together (one cross-thread hand-off instead of one per record)."""
         if self._error is not None:
             raise RuntimeError(f"cannot write the journal {self.path}: {self._error}") from self._error
-        self._queue.put(record)
+        self._pending.append(record)
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._hand_off()
+            return
+        self._scheduled = True
+        loop.call_soon(self._hand_off)
+
+    def _hand_off(self) -> None:
+        self._scheduled = False
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._queue.put(batch)
+
+    def sync(self, timeout_s: float = 60.0) -> None:
+        """Block until every record appended so far is written and fsync'd."""
+        self._hand_off()
+        done = threading.Event()
+        self._queue.put(done)
+        if not done.wait(timeout_s) or self._error is not None:
+            raise RuntimeError(f"cannot write the journal {self.path}: {self._error or 'timeout'}")
 
     def close(self) -> None:
+        self._hand_off()
         self._queue.put(None)
         self._thread.join()
         self._file.close()

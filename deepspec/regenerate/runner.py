@@ -35,6 +35,7 @@ from deepspec.regenerate.shards import OutputPaths, Shard, ShardError, write_jso
 from deepspec.regenerate.summary import account, invariant_line, write_json_atomic
 
 log = logging.getLogger("deepspec.regenerate")
+PROGRESS_INTERVAL_S = 0.25
 
 
 class RegenerationError(RuntimeError):
@@ -57,6 +58,7 @@ class RegenerationJob:
     restart: bool = False
     progress: bool = True
     max_prompt_chars: int | None = None  # longer prompts are skipped (the CLI uses 16 x data.max_length)
+    workers: int = 1  # client processes (see deepspec.regenerate.workers); 1 = this process only
 
 
 # --------------------------------------------------------------------------------------------------
@@ -221,11 +223,18 @@ async def regenerate_conversation(
 
 
 class _Progress:
-    """tqdm bar with records/s (tqdm's rate), tokens/s and ETA; quiet when disabled."""
+    """tqdm bar with records/s (tqdm's rate), tokens/s and ETA; quiet when disabled.
+
+    Redrawn at most every :data:`PROGRESS_INTERVAL_S` (updating tqdm per record costs CPU at
+    thousands of records per second).
+    """
 
     def __init__(self, total: int, initial: int, enabled: bool, desc: str) -> None:
         self.bar = None
+        self.records = 0  # finished in this run
         self.tokens = 0
+        self._shown = 0
+        self._next = 0.0
         self.t0 = time.perf_counter()
         if enabled:
             from tqdm import tqdm
@@ -236,19 +245,29 @@ class _Progress:
                 initial=initial,
                 desc=desc,
                 unit="rec",
-                mininterval=0.5 if tty else 15.0,
+                mininterval=PROGRESS_INTERVAL_S if tty else 15.0,
                 dynamic_ncols=True,
             )
 
     def update(self, record: dict[str, Any]) -> None:
-        self.tokens += (record.get("usage") or {}).get("completion_tokens", 0)
-        if self.bar is not None:
-            self.bar.update(1)
-            dt = time.perf_counter() - self.t0
-            self.bar.set_postfix_str(f"{self.tokens / max(dt, 1e-9):,.0f} tok/s", refresh=False)
+        self.set(self.records + 1, self.tokens + (record.get("usage") or {}).get("completion_tokens", 0))
+
+    def set(self, records: int, tokens: int) -> None:
+        """Totals finished in this run so far (a parent sums its workers' reports)."""
+        self.records, self.tokens = records, tokens
+        if self.bar is not None and (now := time.perf_counter()) >= self._next:
+            self._refresh(now)
+
+    def _refresh(self, now: float) -> None:
+        assert self.bar is not None
+        self.bar.update(self.records - self._shown)
+        self._shown = self.records
+        self.bar.set_postfix_str(f"{self.tokens / max(now - self.t0, 1e-9):,.0f} tok/s", refresh=False)
+        self._next = now + PROGRESS_INTERVAL_S
 
     def close(self) -> None:
         if self.bar is not None:
+            self._refresh(time.perf_counter())
             self.bar.close()
 
 
@@ -268,28 +287,93 @@ def _fingerprint(job: RegenerationJob, input_sha: str, n_total: int) -> dict[str
     }
 
 
-def regenerate(job: RegenerationJob) -> dict[str, Any]:
-    """Run (or resume) a regeneration; returns the summary (also written beside the output)."""
-    return asyncio.run(_regenerate(job))
-
-
-async def _regenerate(job: RegenerationJob) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    s = job.settings
-    base = OutputPaths(Path(job.output_path))
-    paths = base.shard(job.shard) if job.shard else base
-    paths.output.parent.mkdir(parents=True, exist_ok=True)
-
+def load_items(job: RegenerationJob) -> tuple[list[Conversation | BadRecord], list[int]]:
+    """All input records (over-long ones turned into bad records) and this shard's indices."""
     items = read_input(job.input_path, job.data_format, job.limit)
     for k, item in enumerate(items):
         if isinstance(item, Conversation) and (bad := oversized(item, job.max_prompt_chars)):
             items[k] = bad
+    mine = [k for k in range(len(items)) if job.shard is None or job.shard.takes(k)]
+    return items, mine
+
+
+async def open_pool(job: RegenerationJob, concurrency: int) -> tuple[EndpointPool, str]:
+    """Open and probe the endpoints; returns the pool and the model name to request."""
+    s = job.settings
+    pool = EndpointPool(
+        job.endpoints,
+        concurrency=concurrency,
+        api_key=s.api_key,
+        request_timeout_s=s.request_timeout_s,
+        max_retries=s.max_retries,
+        backoff_initial_s=s.backoff_initial_s,
+        backoff_max_s=s.backoff_max_s,
+    )
+    try:
+        await pool.start()
+    except NoHealthyEndpoint as e:
+        await pool.close()
+        raise RegenerationError(str(e)) from None
+    model = job.model or pool.served_model() or ""
+    if not model:
+        await pool.close()
+        raise RegenerationError("no model name: set target.served_model_name (the server lists no model)")
+    return pool, model
+
+
+async def send_records(
+    todo: list[int],
+    items: list[Conversation | BadRecord],
+    pool: EndpointPool,
+    job: RegenerationJob,
+    model: str,
+    on_record: Any,
+) -> None:
+    """Regenerate the conversations at ``todo`` with up to the pool's concurrency in flight.
+
+    ``on_record(record)`` is called as each one finishes (it journals it).
+    """
+    prov = provenance(job.settings, model, job.revision)
+    it = iter(todo)
+
+    async def lane() -> None:
+        for k in it:  # lanes share one iterator: each index is taken once
+            conv = items[k]
+            assert isinstance(conv, Conversation)
+            on_record(await regenerate_conversation(conv, k, pool, job.settings, model, prov))
+
+    await asyncio.gather(*(lane() for _ in range(min(len(todo), pool.total_concurrency))))
+
+
+def _install_uvloop() -> None:
+    """Use uvloop's event loop when it is installed (less CPU per request)."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def regenerate(job: RegenerationJob) -> dict[str, Any]:
+    """Run (or resume) a regeneration; returns the summary (also written beside the output)."""
+    _install_uvloop()
+    return asyncio.run(_regenerate(job))
+
+
+async def _regenerate(job: RegenerationJob) -> dict[str, Any]:
+    from deepspec.regenerate import workers
+
+    t0 = time.perf_counter()
+    base = OutputPaths(Path(job.output_path))
+    paths = base.shard(job.shard) if job.shard else base
+    paths.output.parent.mkdir(parents=True, exist_ok=True)
+
+    items, mine = load_items(job)
     n_total = len(items)
-    mine = [k for k in range(n_total) if job.shard is None or job.shard.takes(k)]
     fingerprint = _fingerprint(job, file_sha256(job.input_path), n_total)
 
     if job.restart:
-        for p in (paths.journal, paths.output, paths.errors, paths.summary):
+        for p in (paths.journal, paths.output, paths.errors, paths.summary, *workers.worker_journals(paths)):
             p.unlink(missing_ok=True)
     header, done = load_journal(paths.journal)
     if header is not None:
@@ -299,67 +383,51 @@ async def _regenerate(job: RegenerationJob) -> dict[str, Any]:
             raise RegenerationError(str(e)) from None
     mine_set = set(mine)
     done = {k: r for k, r in done.items() if k in mine_set}
-    resumed = len(done)
-    pending = [k for k in mine if k not in done]
-    if resumed:
-        log.info("resuming from %s: %d of %d records already done", paths.journal, resumed, len(mine))
 
     writer = JournalWriter(paths.journal, fingerprint)
     pool: EndpointPool | None = None
-    progress = _Progress(
-        len(mine), resumed, job.progress, f"regenerate{' ' + str(job.shard) if job.shard else ''}"
-    )
+    stats = workers.RunStats()
+    progress: _Progress | None = None
     model = job.model or ""
     try:
-        for k in pending:  # bad input needs no request
+        # Records finished by the workers of an interrupted run: into this journal, then forgotten.
+        workers.fold(paths, fingerprint, mine_set, done, writer)
+        resumed = len(done)
+        if resumed:
+            log.info("resuming from %s: %d of %d records already done", paths.journal, resumed, len(mine))
+        progress = _Progress(
+            len(mine), resumed, job.progress, f"regenerate{' ' + str(job.shard) if job.shard else ''}"
+        )
+        for k in mine:  # bad input needs no request
             item = items[k]
-            if isinstance(item, BadRecord):
+            if k not in done and isinstance(item, BadRecord):
                 done[k] = skipped_record(k, item)
                 writer.append(done[k])
                 progress.update(done[k])
-        todo = [k for k in pending if k not in done]
-        if todo:
-            pool = EndpointPool(
-                job.endpoints,
-                concurrency=s.concurrency,
-                api_key=s.api_key,
-                request_timeout_s=s.request_timeout_s,
-                max_retries=s.max_retries,
-                backoff_initial_s=s.backoff_initial_s,
-                backoff_max_s=s.backoff_max_s,
-            )
+        todo = [k for k in mine if k not in done]
+        n_workers = workers.effective_workers(job, len(todo))
+        if todo and n_workers > 1:
+            writer.sync()  # the workers read this journal to find their records
             try:
-                await pool.start()
-            except NoHealthyEndpoint as e:
-                raise RegenerationError(str(e)) from None
-            model = job.model or pool.served_model() or ""
-            if not model:
-                raise RegenerationError(
-                    "no model name: set target.served_model_name (the server lists no model)"
-                )
-            prov = provenance(s, model, job.revision)
-            queue: asyncio.Queue[int] = asyncio.Queue()
-            for k in todo:
-                queue.put_nowait(k)
+                await workers.run_workers(job, paths, fingerprint, n_workers, progress, stats)
+            finally:  # also after a failed worker: what the others finished is kept
+                workers.fold(paths, fingerprint, mine_set, done, writer)
+        elif todo:
+            pool, model = await open_pool(job, job.settings.concurrency)
 
-            async def worker() -> None:
-                assert pool is not None
-                while True:
-                    try:
-                        k = queue.get_nowait()
-                    except asyncio.QueueEmpty:
-                        return
-                    conv = items[k]
-                    assert isinstance(conv, Conversation)
-                    rec = await regenerate_conversation(conv, k, pool, s, model, prov)
-                    done[k] = rec
-                    writer.append(rec)
-                    progress.update(rec)
+            def finished(rec: dict[str, Any]) -> None:
+                done[rec["index"]] = rec
+                writer.append(rec)
+                assert progress is not None
+                progress.update(rec)
 
-            n_workers = min(len(todo), pool.total_concurrency)
-            await asyncio.gather(*(worker() for _ in range(n_workers)))
+            cpu0, start = time.process_time(), time.time()
+            await send_records(todo, items, pool, job, model, finished)
+            stats.add_timing(time.process_time() - cpu0, start, time.time())
+            stats.add_pool(pool)
     finally:
-        progress.close()
+        if progress is not None:
+            progress.close()
         writer.close()
         if pool is not None:
             await pool.close()
@@ -395,9 +463,7 @@ async def _regenerate(job: RegenerationJob) -> dict[str, Any]:
             "wall_s": round(wall, 3),
             "records_per_s": round(sent / wall, 2) if wall else 0.0,
             "tokens_per_s": round(progress.tokens / wall, 1) if wall else 0.0,
-            "requests": sum(e.stats.requests for e in pool.endpoints) if pool else 0,
-            "retries": pool.retries if pool else 0,
-            "endpoints": pool.stats() if pool else {},
+            **stats.summary(),  # requests, retries, endpoints, workers, send-phase rate and CPU
         }
     )
     write_json_atomic(paths.summary, summary)
