@@ -1,0 +1,175 @@
+"""Evaluation report: JSON (full), Markdown table, compact summary for the operator (< 4 KiB).
+
+Report shape (``report.json``)::
+
+    {"v": 1, "algorithm", "target", "target_revision", "checkpoint", "created", "world_size",
+     "protocol": {temperature, num_proposals, max_new_tokens, all_turns, thinking, seed, ...},
+     "benchmarks": {name: {prompts, rounds, tau, acceptance_ratio, mean_proposal_length,
+                           conditional_acceptance [g], cumulative_acceptance [g], tokens_per_second,
+                           baseline_tokens_per_second, speedup, verify_rate, counters, baseline_counters}},
+     "macro": {tau, acceptance_ratio, speedup}, "calibration": {...} | absent}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from deepspec.eval.metrics import AcceptanceStats, macro_average
+
+SUMMARY_LIMIT = 4096
+
+
+def build_report(
+    results: dict[str, tuple[AcceptanceStats, AcceptanceStats | None]],
+    *,
+    algorithm: str,
+    target: str,
+    target_revision: str | None,
+    checkpoint: str | None,
+    protocol: dict[str, Any],
+    world_size: int = 1,
+    calibration: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``results[name] = (speculative stats, baseline stats or None)``."""
+    benches: dict[str, Any] = {}
+    for name, (spec, base) in results.items():
+        entry = spec.summary()
+        entry["counters"] = spec.to_dict()
+        if base is not None and base.rounds:
+            entry["baseline_tokens_per_second"] = base.tokens_per_second
+            entry["speedup"] = (
+                spec.tokens_per_second / base.tokens_per_second if base.tokens_per_second else None
+            )
+            entry["baseline_counters"] = base.to_dict()
+        else:
+            entry["baseline_tokens_per_second"] = None
+            entry["speedup"] = None
+        benches[name] = entry
+    speedups = [b["speedup"] for b in benches.values() if b["speedup"] is not None]
+    report: dict[str, Any] = {
+        "v": 1,
+        "algorithm": algorithm,
+        "target": target,
+        "target_revision": target_revision,
+        "checkpoint": checkpoint,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "world_size": world_size,
+        "protocol": protocol,
+        "benchmarks": benches,
+        "macro": {
+            "tau": macro_average([b["tau"] for b in benches.values()]),
+            "acceptance_ratio": macro_average([b["acceptance_ratio"] for b in benches.values()]),
+            "speedup": macro_average(speedups) if speedups else None,
+        },
+    }
+    if calibration is not None:
+        report["calibration"] = calibration
+    return report
+
+
+def compact_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The operator's view: macro tau and per-benchmark tau / acceptance ratio / prompt count."""
+    return {
+        "v": 1,
+        "algorithm": report["algorithm"],
+        "target_revision": report.get("target_revision"),
+        "checkpoint": report.get("checkpoint"),
+        "macro_accept_length": round(report["macro"]["tau"], 4),
+        "benchmarks": {
+            name: {
+                "tau": round(b["tau"], 4),
+                "acceptance_ratio": round(b["acceptance_ratio"], 4),
+                "n": b["prompts"],
+            }
+            for name, b in report["benchmarks"].items()
+        },
+    }
+
+
+def summary_json(report: dict[str, Any]) -> str:
+    text = json.dumps(compact_summary(report), separators=(",", ":"))
+    if len(text.encode()) >= SUMMARY_LIMIT:
+        raise ValueError(
+            f"compact summary is {len(text.encode())} bytes, over the {SUMMARY_LIMIT}-byte termination-log limit "
+            "(too many benchmarks or a very long checkpoint path)"
+        )
+    return text
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    g = max((len(b["conditional_acceptance"]) for b in report["benchmarks"].values()), default=0)
+
+    def fmt(x: Any, nd: int = 2) -> str:
+        return "-" if x is None else f"{x:.{nd}f}"
+
+    lines = [
+        f"## Accepted length: {report['algorithm']} on {report['target']}",
+        "",
+        f"checkpoint `{report.get('checkpoint')}`, target revision `{report.get('target_revision')}`, "
+        f"T={report['protocol'].get('temperature')}, {report['protocol'].get('num_proposals')} proposals, "
+        f"max {report['protocol'].get('max_new_tokens')} new tokens",
+        "",
+        "| benchmark | prompts | rounds | tau | acc. ratio | mean proposal | tok/s spec | tok/s base | speedup |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, b in report["benchmarks"].items():
+        lines.append(
+            f"| {name} | {b['prompts']} | {b['rounds']} | {b['tau']:.3f} | {b['acceptance_ratio']:.3f} | "
+            f"{b['mean_proposal_length']:.2f} | {fmt(b['tokens_per_second'], 1)} | "
+            f"{fmt(b['baseline_tokens_per_second'], 1)} | {fmt(b['speedup'])} |"
+        )
+    m = report["macro"]
+    lines.append(
+        f"| **macro** | | | **{m['tau']:.3f}** | {m['acceptance_ratio']:.3f} | | | | {fmt(m['speedup'])} |"
+    )
+    if g:
+        lines += [
+            "",
+            "Per-position conditional acceptance (accepted at k given 1..k-1 accepted):",
+            "",
+            "| benchmark | " + " | ".join(f"k={k}" for k in range(1, g + 1)) + " |",
+            "|---|" + "---:|" * g,
+        ]
+        for name, b in report["benchmarks"].items():
+            vals = [*b["conditional_acceptance"], *([None] * (g - len(b["conditional_acceptance"])))]
+            lines.append(f"| {name} | " + " | ".join(fmt(v) for v in vals) + " |")
+    if "calibration" in report:
+        c = report["calibration"]
+        lines += ["", f"STS calibration: ECE {c['mean_ece_before']:.4f} -> {c['mean_ece_after']:.4f}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    report: dict[str, Any], out_dir: str | Path, termination_log: str | None = None
+) -> dict[str, Path]:
+    """Write report.json, report.md, summary.json and the plots; optionally the termination log."""
+    from deepspec.eval.plots import plot_acceptance, plot_tau
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out / "report.json",
+        "markdown": out / "report.md",
+        "summary": out / "summary.json",
+        "acceptance_plot": out / "acceptance.png",
+        "tau_plot": out / "tau.png",
+    }
+    _atomic_write(paths["json"], json.dumps(report, indent=2) + "\n")
+    _atomic_write(paths["markdown"], markdown_table(report))
+    summary = summary_json(report)
+    _atomic_write(paths["summary"], summary + "\n")
+    plot_acceptance(report, paths["acceptance_plot"])
+    plot_tau(report, paths["tau_plot"])
+    if termination_log:
+        Path(termination_log).write_text(summary, encoding="utf-8")
+    return paths
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
