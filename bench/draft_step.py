@@ -4,6 +4,12 @@ CPU smoke run (tiny random target, seconds)::
 
     python bench/draft_step.py
 
+CPU memory comparison (a small Qwen3-like target: hidden 256, vocab 32k; peak bytes allocated by the CPU
+allocator during one profiled step, over what was allocated when the step began)::
+
+    python bench/draft_step.py --shape small --batch 4 --seq 177 --steps 1 --warmup 1 --profile-memory
+    python bench/draft_step.py --shape small --batch 4 --seq 177 --profile-memory --loss-chunk-mib 0  # one chunk
+
 GPU run (random target with the exact Qwen3-4B shape, bf16 target, fp32 draft under bf16 autocast)::
 
     python bench/draft_step.py --device cuda --shape qwen3-4b --batch 16 --seq 177 --steps 10
@@ -30,6 +36,15 @@ SHAPES = {
         num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
+    ),
+    "small": dict(
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
     ),
     "smollm2": dict(
         vocab_size=49152,
@@ -87,6 +102,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def cpu_peak_bytes(fn) -> tuple[int, object]:
+    """Run ``fn()`` under the profiler; peak CPU-allocator bytes above the level when it started, and fn's result.
+
+    The profiler's ``[memory]`` events carry the running total of bytes allocated since profiling began.
+    """
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max([0, *totals]), result
+
+
 def bench_algorithm(args, algorithm: str, device: torch.device, backend: str = "auto") -> dict:
     from deepspec.config import DraftModelConfig
     from deepspec.models import build_draft
@@ -95,14 +129,15 @@ def bench_algorithm(args, algorithm: str, device: torch.device, backend: str = "
     draft = build_draft(DraftModelConfig(algorithm=algorithm), target)
     if hasattr(draft, "attention_backend"):
         draft.attention_backend = backend
+    if args.loss_chunk_mib is not None and hasattr(draft, "loss_chunk_bytes"):
+        draft.loss_chunk_bytes = int(args.loss_chunk_mib * 2**20) if args.loss_chunk_mib > 0 else 2**62
     opt = torch.optim.AdamW(draft.parameters(), lr=1e-4)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     times = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for step in range(args.warmup + args.steps):
-        sync(device)
-        t0 = time.perf_counter()
+
+    def one_step(draft=draft, target=target, opt=opt):
         batch = make_batch(target, args.batch, args.seq, device)
         with autocast:
             out = draft(batch)
@@ -110,11 +145,20 @@ def bench_algorithm(args, algorithm: str, device: torch.device, backend: str = "
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return out
+
+    for step in range(args.warmup + args.steps):
+        sync(device)
+        t0 = time.perf_counter()
+        out = one_step()
         sync(device)
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
     step_s = sum(times) / len(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    if args.profile_memory and device.type == "cpu":
+        peak_bytes, out = cpu_peak_bytes(one_step)
+        peak = peak_bytes / 2**30
     row = {
         "algorithm": algorithm,
         "backend": backend,
@@ -126,7 +170,7 @@ def bench_algorithm(args, algorithm: str, device: torch.device, backend: str = "
     }
     if device.type == "cuda" and algorithm in ("dflash", "dspark"):
         row["flex_vs_sdpa_abs_diff"] = flex_vs_sdpa(draft, target, args, device)
-    del draft, target, opt
+    del draft, target, opt, one_step
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -161,6 +205,18 @@ def main() -> int:
     p.add_argument(
         "--backends", default="auto", help="DFlash/DSpark attention backends to time (auto,sdpa,flex)"
     )
+    p.add_argument(
+        "--profile-memory",
+        action="store_true",
+        help="CPU: measure the peak bytes allocated during one extra, profiled step (peak_gib column)",
+    )
+    p.add_argument(
+        "--loss-chunk-mib",
+        type=float,
+        default=None,
+        help="bytes of one [rows, V] fp32 chunk of the LM-head loss, in MiB (0: a single chunk; default: the "
+        "draft's own default)",
+    )
     p.add_argument("--out", default="bench/results/draft_step.json")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -186,6 +242,10 @@ def main() -> int:
         "batch": args.batch,
         "seq": args.seq,
         "steps": args.steps,
+        "loss_chunk_mib": args.loss_chunk_mib,
+        "peak_note": "CUDA max_memory_allocated"
+        if cuda
+        else "CPU: peak allocated above the step start level",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

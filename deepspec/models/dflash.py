@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from deepspec.models.base import Proposal
@@ -36,12 +35,11 @@ from deepspec.models.common import (
     KVCache,
     RMSNorm,
     RotaryEmbedding,
-    masked_mean,
+    VocabLossTerms,
     position_acceptance,
     sample_from_logits,
     sdpa,
     text_config,
-    total_variation,
 )
 
 if TYPE_CHECKING:
@@ -282,13 +280,11 @@ class DFlashDraft(DraftModel):
         k = torch.arange(self.block_size, device=valid.device, dtype=torch.float32)
         return torch.exp(-k / self.cfg.loss_decay) * valid.float()
 
-    def _target_probs(
+    def target_rows(
         self, batch: DraftBatch, out: BlockForward, sel: tuple[torch.Tensor, ...]
     ) -> torch.Tensor:
-        """Target next-token distributions [n, V] for the selected slots."""
-        bi = sel[0]
-        last = batch.target_last_hidden[bi, out.target_pos[sel]]
-        return torch.softmax(self.target_logits(last), dim=-1)
+        """The target's final hidden state [n, H] whose logits give each selected slot's target distribution."""
+        return batch.target_last_hidden[sel[0], out.target_pos[sel]]
 
     def forward(
         self, batch: DraftBatch, anchors: torch.Tensor | None = None, anchor_valid: torch.Tensor | None = None
@@ -299,16 +295,19 @@ class DFlashDraft(DraftModel):
             anchor_valid = torch.ones_like(anchors, dtype=torch.bool)
         out = self.block_forward(batch, anchors, anchor_valid)
         sel = out.valid.nonzero(as_tuple=True)  # only supervised slots reach the [n, V] LM head
-        logits = self.target_lm_head(out.hidden[sel]).float()  # [n, V]
-        ce = F.cross_entropy(logits, out.labels[sel], reduction="none")
-        w = self.slot_weights(out.valid)[sel]
-        loss = masked_mean(ce, w)
+        w = self.slot_weights(out.valid)[sel]  # [n]
+        # CE and (for the acceptance metric) TV against the target, chunked over rows: no [n, V] tensor is kept
+        res = self.vocab_loss(
+            [(out.hidden[sel], self.target.lm_head.weight)],
+            self.target_rows(batch, out, sel),
+            VocabLossTerms(ce=w / w.sum().clamp_min(1e-6)),  # = masked_mean(ce, w)
+            labels=out.labels[sel],
+            bias=getattr(self.target.lm_head, "bias", None),
+        )
+        loss = res.loss
         with torch.no_grad():
-            acc = torch.zeros(out.valid.shape, device=logits.device)
-            if logits.shape[0]:
-                acc[sel] = 1.0 - total_variation(
-                    torch.softmax(logits, -1), self._target_probs(batch, out, sel)
-                )
+            acc = torch.zeros(out.valid.shape, device=loss.device)
+            acc[sel] = 1.0 - res.tv
             pacc = position_acceptance(acc, out.valid)
         metrics = {
             "loss": float(loss.detach()),

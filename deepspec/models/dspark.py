@@ -29,6 +29,7 @@ from deepspec.models.base import Proposal
 from deepspec.models.common import (
     DraftBatch,
     DraftOutput,
+    VocabLossTerms,
     masked_mean,
     position_acceptance,
     sample_from_logits,
@@ -114,21 +115,30 @@ class DSparkDraft(DFlashDraft):
         sel = out.valid.nonzero(as_tuple=True)
         h = out.hidden[sel]  # [n, H]
         prev = out.prev_tokens[sel]  # [n] ground-truth token before each prediction
-        states = self.markov_head.states(out.prev_tokens)[sel]  # [n, r]
-        logits = self.target_lm_head(h).float() + self.markov_head.bias(states).float()  # [n, V]
-        logp = torch.log_softmax(logits, dim=-1)
-        p_draft = logp.exp()
-        p_target = self._target_probs(batch, out, sel)
+        # draft logits = target_lm_head(h) + W2 state: both heads go through the chunked loss
+        heads = [(h, self.target.lm_head.weight)]
+        if self.markov_head.kind != "none":
+            states = self.markov_head.states(out.prev_tokens)[sel]  # [n, r]
+            heads.append((states, self.markov_head.w2.weight))
         w = self.slot_weights(out.valid)[sel]
-        ce = F.nll_loss(logp, out.labels[sel], reduction="none")
-        l1 = (p_draft - p_target).abs().sum(-1)
-        acc = (1.0 - 0.5 * l1).detach().clamp(0.0, 1.0)
-        terms = {"ce": masked_mean(ce, w), "l1": masked_mean(l1, w)}
+        wn = w / w.sum().clamp_min(1e-6)  # masked_mean(., w) as per-row coefficients
+        lw = self.loss_weights
+        res = self.vocab_loss(
+            heads,
+            self.target_rows(batch, out, sel),
+            VocabLossTerms(ce=lw["ce"] * wn, l1=lw["l1"] * wn),
+            labels=out.labels[sel],
+            bias=getattr(self.target.lm_head, "bias", None),
+        )
+        assert res.ce is not None and res.l1 is not None
+        acc = (1.0 - 0.5 * res.l1).clamp(0.0, 1.0)  # confidence target 1 - TV (detached)
+        loss = res.loss  # = w_ce * masked_mean(ce, w) + w_l1 * masked_mean(l1, w)
+        terms = {"ce": masked_mean(res.ce, w), "l1": masked_mean(res.l1, w)}  # detached, for the metrics
         if self.confidence is not None:
             conf_logit = self.confidence_logit(h, prev).float()
             bce = F.binary_cross_entropy_with_logits(conf_logit, acc, reduction="none")
             terms["bce"] = masked_mean(bce, torch.ones_like(bce))
-        loss = sum(self.loss_weights[k] * v for k, v in terms.items())
+            loss = loss + lw["bce"] * terms["bce"]
         acc_grid = torch.zeros(out.valid.shape, device=acc.device)
         acc_grid[sel] = acc
         metrics = {k: float(v.detach()) for k, v in terms.items()}

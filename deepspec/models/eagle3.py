@@ -38,7 +38,7 @@ from deepspec.models.common import (
     KVCache,
     RMSNorm,
     RotaryEmbedding,
-    masked_mean,
+    VocabLossTerms,
     position_acceptance,
     sample_from_logits,
     sdpa,
@@ -247,40 +247,39 @@ class Eagle3Draft(DraftModel):
         steps, decay = self.cfg.ttt_steps, self.cfg.ttt_decay
         b, t = batch.input_ids.shape
         sup = batch.supervised()  # [B, T]: token t is supervised
-        # Target distributions, once: row r <-> predicting position p (target logits at p predict p+1).
-        pred_pos = _shift_left(sup.long(), 1).bool()  # [B, T]: x_{p+1} is supervised
-        rows = pred_pos.nonzero(as_tuple=True)
-        row_of = torch.full((b, t), -1, dtype=torch.long, device=sup.device)
-        row_of[rows] = torch.arange(rows[0].numel(), device=sup.device)
-        with torch.no_grad():
-            t_logits = self.target_logits(batch.target_last_hidden[rows])  # [R, V]
-            p_full = torch.softmax(t_logits, dim=-1)
-            p_draft_vocab = torch.softmax(
-                t_logits[:, self.draft_ids], dim=-1
-            )  # renormalised on the draft vocab
-            in_mass = p_full[:, self.draft_ids].sum(-1)  # [R]
-            del t_logits
-
         outs = self.unroll(batch.input_ids, batch.features, steps)
-        total = torch.zeros((), device=sup.device, dtype=torch.float32)
-        accs, valids = [], []
-        metrics: dict[str, float] = {}
+        # Rows of all unroll steps go through one chunked LM-head loss. Step k, pair j predicts x_{j+2+k}; its
+        # target distribution is the target's next-token distribution at position j+1+k.
+        xs, target_hidden, coefs, step_rows, valids = [], [], [], [], []
         for k, out in enumerate(outs):
-            valid = _shift_left(sup.long(), 2 + k).bool()  # pair j predicts x_{j+2+k}
-            idx = valid.nonzero(as_tuple=True)
-            r = row_of[idx[0], idx[1] + 1 + k]  # target distribution at position j+1+k
-            logp = torch.log_softmax(self.logits(out[idx]).float(), dim=-1)  # [n, Vd]
-            ce = -(p_draft_vocab[r] * logp).sum(-1)
-            loss_k = masked_mean(ce, torch.ones_like(ce))
-            total = total + (decay**k) * loss_k
-            with torch.no_grad():
-                pd = logp.exp()
-                tv = 0.5 * ((pd - p_full[r][:, self.draft_ids]).abs().sum(-1) + (1.0 - in_mass[r]))
-                acc_full = torch.zeros(b, t, device=sup.device)
-                acc_full[idx] = 1.0 - tv
-            accs.append(acc_full)
+            valid = _shift_left(sup.long(), 2 + k).bool()  # [B, T]
+            bi, j = valid.nonzero(as_tuple=True)
+            xs.append(self.norm(out[bi, j]))  # [n_k, H] LM-head input
+            target_hidden.append(batch.target_last_hidden[bi, j + 1 + k])
+            n_k = bi.numel()
+            coefs.append(torch.full((n_k,), decay**k / max(n_k, 1), device=sup.device))
+            step_rows.append((bi, j))
             valids.append(valid)
-            metrics[f"ce_{k}"] = float(loss_k.detach())
+        full_vocab = self.draft_vocab_size == self.dims.vocab_size and not bool(self.d2t.any())
+        res = self.vocab_loss(
+            [(torch.cat(xs), self.lm_head.weight)],
+            torch.cat(target_hidden),
+            VocabLossTerms(soft_ce=torch.cat(coefs)),  # sum_k decay^k * mean soft CE of step k
+            target_ids=None if full_vocab else self.draft_ids,
+        )
+        assert res.soft_ce is not None
+        total = res.loss
+        metrics: dict[str, float] = {}
+        accs = []
+        start = 0
+        with torch.no_grad():
+            for k, (bi, j) in enumerate(step_rows):
+                end = start + bi.numel()
+                acc_full = torch.zeros(b, t, device=sup.device)
+                acc_full[bi, j] = 1.0 - res.tv[start:end]
+                accs.append(acc_full)
+                metrics[f"ce_{k}"] = float(res.soft_ce[start:end].mean()) if end > start else 0.0
+                start = end
         acc = position_acceptance(torch.stack(accs, -1), torch.stack(valids, -1))
         metrics["loss"] = float(total.detach())
         metrics["ce"] = metrics["ce_0"]
