@@ -71,14 +71,18 @@ def gsm8k_like(n: int, vocab: int, mean_len: int, seed: int = 0):
     return out
 
 
-def bench_one(args, shape: str, algorithm: str, device: torch.device) -> dict:
+def bench_one(args, shape: str, spec: str, device: torch.device) -> dict:
+    """One row; ``spec`` is an algorithm name, optionally with an Eagle3 draft vocabulary: ``eagle3:32000``."""
     from deepspec.config import Recipe
     from deepspec.train.trainer import StepStats, Trainer
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     world = int(os.environ.get("WORLD_SIZE", 1))
+    algorithm, _, vocab = spec.partition(":")
     target = build_target(shape, device, dtype, algorithm)
     draft = {"algorithm": algorithm}
+    if vocab:
+        draft["draft_vocab_size"] = int(vocab)
     if algorithm != "eagle3":
         draft.update(num_layers=args.draft_layers, num_anchors=args.num_anchors, block_size=7)
     if args.tiny:
@@ -113,7 +117,7 @@ def bench_one(args, shape: str, algorithm: str, device: torch.device) -> dict:
     reduced = trainer._reduce(stats)
     result = {
         "target": shape,
-        "algorithm": algorithm,
+        "algorithm": spec,
         "world_size": world,
         "global_batch": args.global_batch,
         "micro_batch": args.micro_batch,
@@ -137,7 +141,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--targets", default="smollm2-135m,qwen3-4b")
-    p.add_argument("--algorithms", default="eagle3,dflash,dspark")
+    p.add_argument(
+        "--algorithms",
+        default="eagle3,eagle3:32000,dflash,dspark",
+        help="comma list; 'eagle3:N' trains Eagle3 with a reduced draft vocabulary of N tokens",
+    )
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=177, help="mean tokens per sequence (GSM8K-like)")
@@ -173,14 +181,14 @@ def main() -> int:
         meta = {"device": device_name, "world_size": world, "torch": torch.__version__, "args": vars(args)}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-        print(f"\n{'target':<14}{'algo':<8}{'tok/s':>10}{'step s':>9}{'peak GiB':>10}")
+        print(f"\n{'target':<14}{'algo':<14}{'tok/s':>10}{'step s':>9}{'peak GiB':>10}")
         for r in results:
             if "error" in r:
-                print(f"{r['target']:<14}{r['algorithm']:<8}  {r['error'][:60]}")
+                print(f"{r['target']:<14}{r['algorithm']:<14}  {r['error'][:60]}")
                 continue
             mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "-"
             print(
-                f"{r['target']:<14}{r['algorithm']:<8}{r['real_tokens_per_s']:>10,.0f}{r['step_time_s']:>9.3f}{mem:>10}"
+                f"{r['target']:<14}{r['algorithm']:<14}{r['real_tokens_per_s']:>10,.0f}{r['step_time_s']:>9.3f}{mem:>10}"
             )
     if world > 1:
         import torch.distributed as dist

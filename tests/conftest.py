@@ -24,3 +24,103 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"shared data folder not found at {SHARED}")
     return SHARED
+
+
+# --------------------------------------------------------------------------------------------------
+# The real SmolLM2 target, its own answers, and drafts trained on them: built once per session and
+# shared by the learning test (tests/train) and the trained-draft evaluation (tests/eval).
+# --------------------------------------------------------------------------------------------------
+
+SMOLLM2_TRAIN_PROMPTS = 32
+SMOLLM2_ANSWER_TOKENS = 64
+SMOLLM2_TRAIN_STEPS = 40
+SMOLLM2_DRAFTS = {
+    "eagle3": {"ttt_steps": 3, "draft_vocab_size": 4096},
+    "dflash": {"num_layers": 1, "num_anchors": 16, "block_size": 4},
+    "dspark": {"num_layers": 1, "num_anchors": 16, "block_size": 4, "markov_rank": 32},
+}
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> str:
+    from deepspec.target.files import resolve_model_path
+
+    return resolve_model_path("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_regenerated(tmp_path_factory, smollm2_path, shared_dir) -> str:
+    """Greedy SmolLM2 answers to gsm8k-train prompts, so drafts learn the target's own outputs."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    prompts: list[str] = []
+    with open(shared_dir / "datasets" / "train" / "prompts.jsonl", encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("domain") == "math" and len(rec["conversations"][0]["content"]) < 400:
+                prompts.append(rec["conversations"][0]["content"])
+            if len(prompts) == SMOLLM2_TRAIN_PROMPTS:
+                break
+    out = tmp_path_factory.mktemp("smollm2-regen") / "regenerated.jsonl"
+    with open(out, "w", encoding="utf-8") as f:
+        for start in range(0, len(prompts), 16):  # batched greedy generate: far cheaper than one by one
+            chunk = prompts[start : start + 16]
+            texts = [
+                tok.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+                )
+                for p in chunk
+            ]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                gen = model.generate(
+                    **enc,
+                    max_new_tokens=SMOLLM2_ANSWER_TOKENS,
+                    do_sample=False,
+                    pad_token_id=tok.pad_token_id,
+                )
+            for i, p in enumerate(chunk):
+                answer = tok.decode(gen[i, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+                msgs = [{"role": "user", "content": p}, {"role": "assistant", "content": answer}]
+                f.write(json.dumps({"id": f"m{start + i}", "status": "ok", "messages": msgs}) + "\n")
+    return str(out)
+
+
+def smollm2_recipe(model_path: str, data: str, algorithm: str, output_dir: Path):
+    """The small CPU recipe every SmolLM2 training test uses."""
+    from deepspec.config import Recipe
+
+    return Recipe.model_validate({
+        "target": {"model": model_path},
+        "data": {"max_length": 128},
+        "regeneration": {"output": data},
+        "draft": {"algorithm": algorithm, **SMOLLM2_DRAFTS[algorithm]},
+        "training": {"output_dir": str(output_dir), "lr": 3e-3, "warmup_ratio": 0.05,
+                     "global_batch_size": 4, "micro_batch_size": 4, "max_steps": SMOLLM2_TRAIN_STEPS,
+                     "log_every": 1, "save_every": SMOLLM2_TRAIN_STEPS, "precision": "fp32"},
+        "evaluation": {"benchmarks": ["gsm8k"], "max_prompts": 3, "temperature": 0.0, "max_new_tokens": 48},
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def smollm2_trained(tmp_path_factory, smollm2_path, smollm2_regenerated):
+    """``smollm2_trained(algorithm) -> (recipe, output_dir)``: trains each algorithm at most once."""
+    from deepspec.train.trainer import Trainer
+
+    runs: dict[str, tuple] = {}
+
+    def get(algorithm: str):
+        if algorithm not in runs:
+            out = tmp_path_factory.mktemp(f"smollm2-{algorithm}")
+            recipe = smollm2_recipe(smollm2_path, smollm2_regenerated, algorithm, out)
+            Trainer(recipe, device="cpu", progress=False).train()
+            runs[algorithm] = (recipe, out)
+        return runs[algorithm]
+
+    return get

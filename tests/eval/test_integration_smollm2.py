@@ -4,8 +4,9 @@
    DFlash and DSpark drafts.
 2. A draft trained briefly (deepspec.train.Trainer) reaches a higher accepted length than the same
    draft untrained, and at least 1.3, on a small gsm8k subset; the report files and plots are written.
-   Measured (2 loaded CPUs, greedy, 3 gsm8k test prompts x 48 tokens): trained Eagle3 tau 1.424 vs
-   untrained 1.000 after 40 steps on 32 regenerated gsm8k-train answers (~15 min under load).
+   Measured (2 CPUs, greedy, 3 gsm8k test prompts x 48 tokens, 2026-11-22): trained Eagle3 tau 1.439
+   vs untrained 1.000 after 40 steps on 32 greedy SmolLM2 answers to gsm8k-train prompts (the
+   session-scoped training in tests/conftest.py, shared with tests/train/test_learning.py).
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ import torch
 pytestmark = pytest.mark.integration
 
 NEW_TOKENS = 32
-N_TRAIN = 32
-TRAIN_STEPS = 40
 
 
 @pytest.fixture(scope="module")
@@ -68,63 +67,18 @@ def test_greedy_lossless_on_smollm2(smollm2, shared_dir, algorithm):
         assert engine.generate(ids).tokens == want
 
 
-@pytest.fixture(scope="module")
-def regenerated(tmp_path_factory, smollm2, shared_dir) -> str:
-    """Greedy SmolLM2 answers to gsm8k *train* prompts (the draft learns the target's own outputs)."""
-    path, tok = smollm2
-    target = _target(path, "eagle3")
-    prompts = []
-    with open(shared_dir / "datasets" / "train" / "prompts.jsonl", encoding="utf-8") as f:
-        for line in f:
-            rec = json.loads(line)
-            if rec.get("domain") == "math" and len(rec["conversations"][0]["content"]) < 400:
-                prompts.append(rec["conversations"][0]["content"])
-            if len(prompts) == N_TRAIN:
-                break
-    tok.padding_side = "left"
-    out = tmp_path_factory.mktemp("regen") / "regenerated.jsonl"
-    with open(out, "w", encoding="utf-8") as f:
-        for start in range(0, len(prompts), 16):  # batched greedy generate: far cheaper than one by one
-            chunk = prompts[start : start + 16]
-            texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                             add_generation_prompt=True) for p in chunk]  # fmt: skip
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.no_grad():
-                gen = target.model.generate(
-                    **enc, max_new_tokens=64, do_sample=False, pad_token_id=tok.pad_token_id
-                )
-            for i, p in enumerate(chunk):
-                answer = tok.decode(gen[i, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-                msgs = [{"role": "user", "content": p}, {"role": "assistant", "content": answer}]
-                f.write(json.dumps({"id": f"m{start + i}", "status": "ok", "messages": msgs}) + "\n")
-    return str(out)
-
-
-@pytest.mark.slow
-def test_trained_draft_beats_untrained(smollm2, regenerated, shared_dir, tmp_path):
-    from deepspec.config import Recipe
+def test_trained_draft_beats_untrained(smollm2, smollm2_trained, tmp_path):
     from deepspec.eval.benchmarks import load_benchmarks
     from deepspec.eval.checkpoints import load_target_and_draft
     from deepspec.eval.engine import EngineConfig, SpeculativeEngine
     from deepspec.eval.report import build_report, write_report
     from deepspec.eval.runner import RunSettings, evaluate_benchmarks, stop_token_ids
     from deepspec.models import build_draft
-    from deepspec.train.trainer import Trainer
 
-    path, tok = smollm2
-    recipe = Recipe.model_validate({
-        "target": {"model": path},
-        "data": {"max_length": 128},
-        "regeneration": {"output": regenerated},
-        "draft": {"algorithm": "eagle3", "ttt_steps": 3, "draft_vocab_size": 4096},
-        "training": {"output_dir": str(tmp_path / "ckpt"), "lr": 3e-3, "warmup_ratio": 0.05,
-                     "global_batch_size": 4, "micro_batch_size": 4, "max_steps": TRAIN_STEPS, "log_every": 10,
-                     "save_every": TRAIN_STEPS, "precision": "fp32"},
-        "evaluation": {"benchmarks": ["gsm8k"], "max_prompts": 3, "temperature": 0.0, "max_new_tokens": 48},
-    })  # fmt: skip
-    Trainer(recipe, device="cpu", progress=False).train()
+    _, tok = smollm2
+    recipe, out = smollm2_trained("eagle3")  # trained once per session, shared with tests/train
 
-    target, draft, ckpt = load_target_and_draft(recipe, tmp_path / "ckpt", "cpu")
+    target, draft, ckpt = load_target_and_draft(recipe, out, "cpu")
     torch.manual_seed(0)
     untrained = build_draft(recipe.draft, target).eval()
     ev = recipe.evaluation
