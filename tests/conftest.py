@@ -42,6 +42,17 @@ SMOLLM2_DRAFTS = {
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's real tokenizer (from the packaged GGUF; no weights are converted for it)."""
+    from deepspec.target.files import smollm2_tokenizer
+
+    try:
+        return smollm2_tokenizer()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="session")
 def smollm2_path() -> str:
     from deepspec.target.files import resolve_model_path
 

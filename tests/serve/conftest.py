@@ -16,27 +16,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 TEMPLATE = Path(__file__).parents[1] / "data" / "fixtures" / "qwen3_like.jinja"
 
 
-def _smollm2_tokenizer():
-    from transformers import AutoTokenizer
-
-    from deepspec.target.files import cache_root, smollm2_gguf
-
-    try:
-        gguf = smollm2_gguf()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    cached = sorted((cache_root() / "models").glob(f"{gguf.stem}-*/tokenizer.json"))
-    if cached:
-        return AutoTokenizer.from_pretrained(cached[0].parent)
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-
-
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> str:
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> str:
+    import copy
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = _smollm2_tokenizer()
+    tok = copy.deepcopy(smollm2_tokenizer)  # the template below must not leak into the shared one
     tok.chat_template = TEMPLATE.read_text()
     config = LlamaConfig(
         vocab_size=len(tok),
