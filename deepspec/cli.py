@@ -43,7 +43,11 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from deepspec import __version__
 
-    parser = argparse.ArgumentParser(prog="deepspec", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="deepspec",
+        description="Train, evaluate, export and monitor speculative-decoding draft models "
+        "(Eagle3, DFlash, DSpark). Every stage is one sub-command; `deepspec run` chains them.",
+    )
     parser.add_argument("--version", action="version", version=f"deepspec {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, module_name in COMMANDS.items():
