@@ -27,63 +27,7 @@ from pathlib import Path
 
 import torch
 
-SHAPES = {
-    "tiny": dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    ),
-    "small": dict(
-        vocab_size=32000,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-    ),
-    "smollm2": dict(
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=64,
-    ),
-    "qwen3-4b": dict(
-        vocab_size=151936,
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-    ),
-}
-
-
-def build_target(shape: str, device: torch.device, algorithm: str):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from deepspec.target.model import TargetModel, default_layer_ids
-
-    cfg = Qwen3Config(
-        **SHAPES[shape],
-        max_position_embeddings=40960,
-        rope_theta=1000000.0,
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen3ForCausalLM(cfg).to(dtype)
-    return TargetModel.from_model(model, default_layer_ids(cfg.num_hidden_layers, algorithm))
+from deepspec.testing.shapes import SHAPES, random_target
 
 
 def make_batch(target, batch: int, seq: int, device: torch.device):
@@ -125,7 +69,7 @@ def bench_algorithm(args, algorithm: str, device: torch.device, backend: str = "
     from deepspec.config import DraftModelConfig
     from deepspec.models import build_draft
 
-    target = build_target(args.shape, device, algorithm)
+    target = random_target(args.shape, device, algorithm)
     draft = build_draft(DraftModelConfig(algorithm=algorithm), target)
     if hasattr(draft, "attention_backend"):
         draft.attention_backend = backend

@@ -29,61 +29,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHAPES = {
-    "smollm2": dict(
-        arch="llama",
-        vocab_size=49152,
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        max_position_embeddings=8192,
-        rope_theta=100000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-    ),
-    "qwen3-4b": dict(
-        arch="qwen3",
-        vocab_size=151936,
-        hidden_size=2560,
-        intermediate_size=9728,
-        num_hidden_layers=36,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=40960,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-    ),
-}
-
 
 def build_target(args: argparse.Namespace, algorithm: str):
-    from deepspec.target.model import TargetModel, default_layer_ids
+    from deepspec.target.model import TargetModel
+    from deepspec.testing.shapes import random_target
 
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.model:
         return TargetModel.from_pretrained(args.model, None, algorithm, device=device, dtype=dtype)
-    if args.target == "tiny":
-        from deepspec.testing.tiny import tiny_llama
-
-        model = tiny_llama(vocab=512, hidden=128, layers=4, heads=4, kv_heads=2)
-    else:
-        from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
-
-        shape = dict(SHAPES[args.target])
-        arch = shape.pop("arch")
-        config = (LlamaConfig if arch == "llama" else Qwen3Config)(**shape)
-        config._attn_implementation = "sdpa"
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.to(device=device, dtype=dtype).eval()
-    layers = default_layer_ids(model.config.num_hidden_layers, algorithm)
-    return TargetModel.from_model(model, layers)
+    return random_target(args.target, device, algorithm, dtype)
 
 
 def _sync(device: torch.device) -> None:

@@ -26,34 +26,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SHAPES: dict[str, dict] = {
-    "smollm2-135m": dict(arch="llama", vocab_size=49152, hidden_size=576, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
-                         tie_word_embeddings=True, rope_theta=100000.0),
-    "qwen3-4b": dict(arch="qwen3", vocab_size=151936, hidden_size=2560, num_hidden_layers=36,
-                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, intermediate_size=9728,
-                     tie_word_embeddings=True, rope_theta=1000000.0),
-    "tiny": dict(arch="qwen3", vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, intermediate_size=128, tie_word_embeddings=False),
-}  # fmt: skip
-
-
-def build_target(shape: str, device: torch.device, dtype: torch.dtype, algorithm: str):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    from deepspec.target.model import TargetModel, default_layer_ids
-
-    spec = dict(SHAPES[shape])
-    arch = spec.pop("arch")
-    cfg_cls, model_cls = (
-        (Qwen3Config, Qwen3ForCausalLM) if arch == "qwen3" else (LlamaConfig, LlamaForCausalLM)
-    )
-    config = cfg_cls(**spec, max_position_embeddings=4096, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = model_cls(config).to(dtype)
-    return TargetModel.from_model(model, default_layer_ids(config.num_hidden_layers, algorithm))
-
 
 def gsm8k_like(n: int, vocab: int, mean_len: int, seed: int = 0):
     """Sequences of ~mean_len tokens (uniform +-35%), the last ~60% supervised (the answer)."""
@@ -74,12 +46,13 @@ def gsm8k_like(n: int, vocab: int, mean_len: int, seed: int = 0):
 def bench_one(args, shape: str, spec: str, device: torch.device) -> dict:
     """One row; ``spec`` is an algorithm name, optionally with an Eagle3 draft vocabulary: ``eagle3:32000``."""
     from deepspec.config import Recipe
+    from deepspec.testing.shapes import random_target
     from deepspec.train.trainer import StepStats, Trainer
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     world = int(os.environ.get("WORLD_SIZE", 1))
     algorithm, _, vocab = spec.partition(":")
-    target = build_target(shape, device, dtype, algorithm)
+    target = random_target(shape, device, algorithm, dtype)
     draft = {"algorithm": algorithm}
     if vocab:
         draft["draft_vocab_size"] = int(vocab)
