@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,3 +84,17 @@ def run_job(inp: Path, out: Path, url: str | list[str], **kwargs: Any) -> dict[s
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def regenerate_cmd(inp: Path, out: Path, url: str, concurrency: int, *extra: str) -> list[str]:
+    """The ``deepspec regenerate`` command line the subprocess tests (kill, resume) run."""
+    return [sys.executable, "-m", "deepspec.cli", "regenerate", "--input", str(inp), "--output", str(out),
+            "--endpoint", url, "--quiet", *extra, "--set", f"regeneration.concurrency={concurrency}",
+            "--set", "regeneration.sampling.seed=1"]  # fmt: skip
+
+
+def regenerate_env() -> dict[str, str]:
+    """The environment for those subprocesses: offline, and not inside a Kubernetes Indexed Job."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("JOB_COMPLETION_INDEX", None)
+    return env

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,29 +13,9 @@ import pytest
 from deepspec.regenerate.journal import load_journal
 from deepspec.regenerate.runner import RegenerationError
 
-from .conftest import prompts, read_jsonl, run_job, settings, write_records
+from .conftest import prompts, read_jsonl, regenerate_cmd, regenerate_env, run_job, settings, write_records
 
 N = 60
-
-
-def _cmd(inp: Path, out: Path, url: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "deepspec.cli",
-        "regenerate",
-        "--input",
-        str(inp),
-        "--output",
-        str(out),
-        "--endpoint",
-        url,
-        "--quiet",
-        "--set",
-        "regeneration.concurrency=2",
-        "--set",
-        "regeneration.sampling.seed=1",
-    ]
 
 
 def _journal_records(path: Path) -> int:
@@ -52,10 +30,9 @@ def test_sigkill_then_resume(tmp_path: Path, stub) -> None:
     inp = write_records(tmp_path / "in.jsonl", prompts(N))
     out = tmp_path / "out" / "regen.jsonl"
     journal = tmp_path / "out" / "regen.journal.jsonl"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("JOB_COMPLETION_INDEX", None)
+    env = regenerate_env()
 
-    proc = subprocess.Popen(_cmd(inp, out, server.base_url), env=env, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(regenerate_cmd(inp, out, server.base_url, 2), env=env, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while _journal_records(journal) < 10:  # part of the records journaled
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
@@ -70,7 +47,7 @@ def test_sigkill_then_resume(tmp_path: Path, stub) -> None:
     assert not out.exists(), "the output is only written at the end"
 
     rerun = subprocess.run(
-        _cmd(inp, out, server.base_url), env=env, capture_output=True, text=True, timeout=120
+        regenerate_cmd(inp, out, server.base_url, 2), env=env, capture_output=True, text=True, timeout=120
     )
     assert rerun.returncode == 0, rerun.stderr
 

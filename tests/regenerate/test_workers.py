@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from deepspec.regenerate.runner import RegenerationError
 from deepspec.regenerate.shards import OutputPaths, Shard
 from deepspec.regenerate.workers import auto_workers, concurrency_share, fold, worker_journals
 
-from .conftest import prompts, read_jsonl, run_job, settings, write_records
+from .conftest import prompts, read_jsonl, regenerate_cmd, regenerate_env, run_job, settings, write_records
 
 N = 60
 
@@ -56,31 +55,7 @@ def test_workers_inside_a_shard(tmp_path: Path, stub) -> None:
 
 
 def _cmd(inp: Path, out: Path, url: str, workers: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "deepspec.cli",
-        "regenerate",
-        "--input",
-        str(inp),
-        "--output",
-        str(out),
-        "--endpoint",
-        url,
-        "--quiet",
-        "--workers",
-        str(workers),
-        "--set",
-        "regeneration.concurrency=4",
-        "--set",
-        "regeneration.sampling.seed=1",
-    ]
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("JOB_COMPLETION_INDEX", None)
-    return env
+    return regenerate_cmd(inp, out, url, 4, "--workers", str(workers))
 
 
 def _journaled(paths: OutputPaths) -> int:
@@ -128,7 +103,11 @@ def _resume_and_check(
 ) -> None:
     paths = OutputPaths(out)
     rerun = subprocess.run(
-        _cmd(inp, out, server.base_url, workers=3), env=_env(), capture_output=True, text=True, timeout=120
+        _cmd(inp, out, server.base_url, workers=3),
+        env=regenerate_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert rerun.returncode == 0, rerun.stderr
     ids = [r["id"] for r in read_jsonl(out)]
@@ -150,7 +129,9 @@ def test_sigkill_parent_then_resume_with_other_worker_count(tmp_path: Path, stub
     inp = write_records(tmp_path / "in.jsonl", prompts(N))
     out = tmp_path / "out" / "regen.jsonl"
     paths = OutputPaths(out)
-    proc = subprocess.Popen(_cmd(inp, out, server.base_url, workers=2), env=_env(), stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _cmd(inp, out, server.base_url, workers=2), env=regenerate_env(), stderr=subprocess.PIPE
+    )
     _wait_for(paths, proc, 10)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -169,7 +150,7 @@ def test_sigkill_worker_fails_the_run_then_resume(tmp_path: Path, stub) -> None:
     out = tmp_path / "out" / "regen.jsonl"
     paths = OutputPaths(out)
     proc = subprocess.Popen(
-        _cmd(inp, out, server.base_url, workers=2), env=_env(), stderr=subprocess.PIPE, text=True
+        _cmd(inp, out, server.base_url, workers=2), env=regenerate_env(), stderr=subprocess.PIPE, text=True
     )
     _wait_for(paths, proc, 10)
     journal0 = next(p for p in worker_journals(paths) if ".worker-0-of-2." in p.name)
@@ -209,7 +190,7 @@ def test_worker_arithmetic_and_cli_value(tmp_path: Path, stub) -> None:
     inp = write_records(tmp_path / "in.jsonl", prompts(3))
     done = subprocess.run(
         _cmd(inp, tmp_path / "regen.jsonl", server.base_url, workers=0),
-        env=_env(),
+        env=regenerate_env(),
         capture_output=True,
         text=True,
     )
