@@ -181,6 +181,7 @@ class BlockForward:
     prev_tokens: torch.Tensor  # [B, N, gamma] token a+k (the input of slot k's sequential head)
     target_pos: torch.Tensor  # [B, N, gamma] position a+k (target logits there predict a+k+1)
     valid: torch.Tensor  # [B, N, gamma] bool: supervised prefix of each block
+    anchor_valid: torch.Tensor  # [B, N] bool: real anchors (not padding)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,7 +273,12 @@ class DFlashDraft(DraftModel):
         valid = sup.long().cumprod(dim=-1).bool() & anchor_valid[:, :, None]
         prev = batch.input_ids.gather(1, pos.clamp(max=t - 1).view(b, n * g)).view(b, n, g)
         return BlockForward(
-            hidden=hidden, labels=labels, prev_tokens=prev, target_pos=pos.clamp(max=t - 1), valid=valid
+            hidden=hidden,
+            labels=labels,
+            prev_tokens=prev,
+            target_pos=pos.clamp(max=t - 1),
+            valid=valid,
+            anchor_valid=anchor_valid,
         )
 
     def slot_weights(self, valid: torch.Tensor) -> torch.Tensor:
@@ -286,14 +292,20 @@ class DFlashDraft(DraftModel):
         """The target's final hidden state [n, H] whose logits give each selected slot's target distribution."""
         return batch.target_last_hidden[sel[0], out.target_pos[sel]]
 
-    def forward(
-        self, batch: DraftBatch, anchors: torch.Tensor | None = None, anchor_valid: torch.Tensor | None = None
-    ) -> DraftOutput:
+    def training_blocks(
+        self, batch: DraftBatch, anchors: torch.Tensor | None, anchor_valid: torch.Tensor | None
+    ) -> BlockForward:
+        """Run the blocks of the given anchors (default: ``num_anchors`` sampled supervised positions)."""
         if anchors is None:
             anchors, anchor_valid = sample_anchors(batch.supervised(), self.cfg.num_anchors)
         elif anchor_valid is None:
             anchor_valid = torch.ones_like(anchors, dtype=torch.bool)
-        out = self.block_forward(batch, anchors, anchor_valid)
+        return self.block_forward(batch, anchors, anchor_valid)
+
+    def forward(
+        self, batch: DraftBatch, anchors: torch.Tensor | None = None, anchor_valid: torch.Tensor | None = None
+    ) -> DraftOutput:
+        out = self.training_blocks(batch, anchors, anchor_valid)
         sel = out.valid.nonzero(as_tuple=True)  # only supervised slots reach the [n, V] LM head
         w = self.slot_weights(out.valid)[sel]  # [n]
         # CE and (for the acceptance metric) TV against the target, chunked over rows: no [n, V] tensor is kept
@@ -312,7 +324,7 @@ class DFlashDraft(DraftModel):
         metrics = {
             "loss": float(loss.detach()),
             "ce": float(loss.detach()),
-            "anchors": float(anchor_valid.sum()),
+            "anchors": float(out.anchor_valid.sum()),
         }
         return DraftOutput(loss=loss, metrics=metrics, position_acceptance=pacc)
 

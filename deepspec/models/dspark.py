@@ -34,7 +34,7 @@ from deepspec.models.common import (
     position_acceptance,
     sample_from_logits,
 )
-from deepspec.models.dflash import DFlashDraft, DFlashDrafter, sample_anchors
+from deepspec.models.dflash import DFlashDraft, DFlashDrafter
 
 if TYPE_CHECKING:
     from deepspec.config import DraftModelConfig
@@ -107,11 +107,7 @@ class DSparkDraft(DFlashDraft):
     def forward(
         self, batch: DraftBatch, anchors: torch.Tensor | None = None, anchor_valid: torch.Tensor | None = None
     ) -> DraftOutput:
-        if anchors is None:
-            anchors, anchor_valid = sample_anchors(batch.supervised(), self.cfg.num_anchors)
-        elif anchor_valid is None:
-            anchor_valid = torch.ones_like(anchors, dtype=torch.bool)
-        out = self.block_forward(batch, anchors, anchor_valid)
+        out = self.training_blocks(batch, anchors, anchor_valid)
         sel = out.valid.nonzero(as_tuple=True)
         h = out.hidden[sel]  # [n, H]
         prev = out.prev_tokens[sel]  # [n] ground-truth token before each prediction
@@ -143,7 +139,7 @@ class DSparkDraft(DFlashDraft):
         acc_grid[sel] = acc
         metrics = {k: float(v.detach()) for k, v in terms.items()}
         metrics["loss"] = float(loss.detach())
-        metrics["anchors"] = float(anchor_valid.sum())
+        metrics["anchors"] = float(out.anchor_valid.sum())
         return DraftOutput(
             loss=loss, metrics=metrics, position_acceptance=position_acceptance(acc_grid, out.valid)
         )
