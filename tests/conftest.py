@@ -135,3 +135,24 @@ def smollm2_trained(tmp_path_factory, smollm2_path, smollm2_regenerated):
         return runs[algorithm]
 
     return get
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny random targets on disk (tests/target, tests/train)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    """A tiny random Llama target saved with a character tokenizer."""
+    from deepspec.testing.tiny import save_tiny_target
+
+    return save_tiny_target(str(tmp_path_factory.mktemp("tiny-llama")), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> str:
+    """24 regenerated conversations for the tiny target."""
+    from deepspec.testing.tiny import write_tiny_regenerated
+
+    return write_tiny_regenerated(str(tmp_path_factory.mktemp("data") / "regenerated.jsonl"), n=24)
