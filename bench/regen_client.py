@@ -16,7 +16,7 @@ generator (several processes), to show that the stub is not the bottleneck.
     python bench/regen_client.py                                  # 0 and 50 ms, concurrency 256
     python bench/regen_client.py --requests 20000 --workers 1 2 4 8 --stub-workers 4 --stub-capacity
 
-Needs only the package's own dependencies (openai, httpx; uvloop is used when installed).
+Needs only the package's own dependencies (openai[aiohttp], uvloop).
 `--device` is accepted for symmetry with the other benchmarks; the client is CPU-only.
 """
 
@@ -180,6 +180,8 @@ def run_one(latency_ms: float, n: int, concurrency: int, workers: int, stub_work
         "requests": requests,
         "ok": s["ok"],
         "send_s": s["send_s"],
+        "send_start_spread_s": s.get("send_start_spread_s"),
+        "send_end_spread_s": s.get("send_end_spread_s"),
         "requests_per_s": rps,
         "ideal_requests_per_s": round(ideal, 1) if ideal else None,
         "pct_of_ideal": round(100 * rps / ideal, 1) if ideal else None,
@@ -228,14 +230,15 @@ def main() -> None:
                 print(f"  {lat:.0f} ms, {w} workers: {r['requests_per_s']:,.0f} req/s", file=sys.stderr)
     print(
         f"{'latency':>8} {'conc':>5} {'workers':>7} {'requests':>8} {'req/s':>8} {'% ideal':>8} "
-        f"{'e2e req/s':>9} {'cpu ms/req':>10} {'+startup':>8}"
+        f"{'e2e req/s':>9} {'cpu ms/req':>10} {'+startup':>8} {'spread s':>9}"
     )
     for r in rows:
         pct = f"{r['pct_of_ideal']:.1f}" if r["pct_of_ideal"] is not None else "-"
         print(
             f"{r['latency_ms']:>6.0f}ms {r['concurrency']:>5} {r['workers']:>7} {r['requests']:>8} "
             f"{r['requests_per_s']:>8.0f} {pct:>8} {r['end_to_end_requests_per_s']:>9.0f} "
-            f"{r['client_cpu_ms_per_request']:>10.3f} {r['client_cpu_ms_per_request_with_startup']:>8.3f}"
+            f"{r['client_cpu_ms_per_request']:>10.3f} {r['client_cpu_ms_per_request_with_startup']:>8.3f} "
+            f"{r['send_start_spread_s'] or 0:>4.1f}/{r['send_end_spread_s'] or 0:<4.1f}"
         )
     try:
         import uvloop  # noqa: F401

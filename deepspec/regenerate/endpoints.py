@@ -7,16 +7,19 @@ the unhealthy ones with a warning, and sends each request to the least-loaded he
 jitter, ``Retry-After`` honoured) happen on connection errors, timeouts, 408, 429 and 5xx only; any
 other 4xx is a permanent error carrying the server's reason.
 
-Per-request CPU matters (a regeneration sends millions of requests): the request body is serialised
-once with :mod:`json` and sent through ``AsyncOpenAI.post(..., content=..., cast_to=Response)``, and
-the answer is read as plain JSON. The openai client still builds the request (auth, headers,
-timeouts) and turns HTTP errors into its exception types, but skips the typed request transform and
-the pydantic response model (2.3 -> 1.4 ms of CPU per request, see bench/REGEN.md).
+Per-request CPU matters (a regeneration sends millions of requests), so three choices keep the
+client lean, each measured in bench/REGEN.md:
 
-httpx's connection pool scans all its connections on every request, which costs O(pool size) CPU per
-request; an endpoint therefore spreads its connections over several clients of at most
-:data:`CONNECTIONS_PER_CLIENT` connections each. Beyond one core, throughput scales with worker
-processes (``deepspec regenerate --workers N``).
+* the request body is serialised once with :mod:`json` and sent through
+  ``AsyncOpenAI.post(..., content=..., cast_to=Response)``; the answer is read as plain JSON. The
+  openai client still builds the request (auth, headers, timeouts) and turns HTTP errors into its
+  exception types, but skips the typed request transform and the pydantic response model;
+* the HTTP transport is aiohttp through the SDK's own ``openai.DefaultAioHttpClient`` (the
+  ``openai[aiohttp]`` extra, documented by OpenAI "for improved concurrency performance"): its C
+  HTTP parser and O(1) connection pool cost about half the CPU of httpx2 + httpcore2 + h11;
+* ``uvloop`` runs the event loop (``runner._install_uvloop``).
+
+Beyond one core, throughput scales with worker processes (``deepspec regenerate --workers N``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +36,6 @@ log = logging.getLogger("deepspec.regenerate")
 
 RECORD_HEADER = "X-Deepspec-Record"
 ATTEMPT_HEADER = "X-Deepspec-Attempt"
-CONNECTIONS_PER_CLIENT = 32
 PROBE_TIMEOUT_S = 10.0
 
 
@@ -79,12 +80,11 @@ class EndpointStats:
 
 @dataclass
 class Endpoint:
-    """One base URL, its clients and its concurrency limit."""
+    """One base URL, its client and its concurrency limit."""
 
     base_url: str
     concurrency: int
-    clients: list[Any] = field(default_factory=list)
-    in_flight_per_client: list[int] = field(default_factory=list)
+    client: Any = None  # openai.AsyncOpenAI
     in_flight: int = 0
     healthy: bool = False
     reason: str = ""
@@ -97,31 +97,28 @@ class Endpoint:
         import httpx2
         import openai
 
-        n = max(1, math.ceil(self.concurrency / CONNECTIONS_PER_CLIENT))
-        per = math.ceil(self.concurrency / n)
-        limits = httpx2.Limits(max_connections=per, max_keepalive_connections=per, keepalive_expiry=30.0)
-        http_clients = [openai.DefaultAsyncHttpxClient(limits=limits, timeout=timeout_s) for _ in range(n)]
-        self.clients = [
-            openai.AsyncOpenAI(
-                base_url=self.base_url,
-                api_key=api_key,
-                max_retries=0,  # retries are ours: backoff, jitter and endpoint choice
-                timeout=timeout_s,
-                http_client=http,
-            )
-            for http in http_clients
-        ]
-        self.in_flight_per_client = [0] * len(self.clients)
+        limits = httpx2.Limits(
+            max_connections=self.concurrency,
+            max_keepalive_connections=self.concurrency,
+            keepalive_expiry=30.0,
+        )
+        self.client = openai.AsyncOpenAI(
+            base_url=self.base_url,
+            api_key=api_key,
+            max_retries=0,  # retries are ours: backoff, jitter and endpoint choice
+            timeout=timeout_s,
+            http_client=openai.DefaultAioHttpClient(limits=limits, timeout=timeout_s),
+        )
         self.semaphore = asyncio.Semaphore(self.concurrency)
         self.response_type = httpx2.Response
 
     async def close(self) -> None:
-        for c in self.clients:
-            await c.close()
+        if self.client is not None:
+            await self.client.close()
 
     async def probe(self) -> None:
         """Health probe: list models (``/v1/models``); fall back to ``GET /health`` on the server root."""
-        client = self.clients[0]
+        client = self.client
         try:
             page = await client.models.list(timeout=PROBE_TIMEOUT_S)
             self.models = [m.id for m in page.data]
@@ -138,9 +135,6 @@ class Endpoint:
         except Exception as e:
             self.reason = f"/v1/models: {first}; /health: {_reason(e)}"
 
-    def pick_client(self) -> int:
-        return min(range(len(self.clients)), key=self.in_flight_per_client.__getitem__)
-
 
 def _drop_none(value: Any) -> Any:
     """Remove None fields recursively (what ``model_dump(exclude_none=True)`` gave)."""
@@ -149,18 +143,28 @@ def _drop_none(value: Any) -> Any:
     return value
 
 
+def _root_cause(e: BaseException) -> BaseException:
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return e
+
+
 def _reason(e: BaseException) -> str:
+    """A one-line reason for the error file and logs.
+
+    For network errors it names the transport's own exception at the end of the chain: the aiohttp
+    transport maps e.g. a dropped connection to httpx's ``ConnectTimeout``, which would mislead.
+    """
     import openai
 
     if isinstance(e, openai.APIStatusError):
         msg = e.message if isinstance(e.message, str) else str(e.message)
         return f"HTTP {e.status_code}: {msg[:300]}"
-    if isinstance(e, openai.APITimeoutError):
-        return "timeout"
-    if isinstance(e, openai.APIConnectionError):
-        cause = e.__cause__ or e.__context__
-        return f"connection error ({type(cause).__name__}: {cause})" if cause else "connection error"
-    return f"{type(e).__name__}: {e}"[:300]
+    root = _root_cause(e)
+    if root is e:
+        return "timeout" if isinstance(e, openai.APITimeoutError) else f"{type(e).__name__}: {e}"[:300]
+    timed_out = isinstance(root, (TimeoutError, asyncio.TimeoutError)) or "Timeout" in type(root).__name__
+    return f"{'timeout' if timed_out else 'connection error'} ({type(root).__name__}: {root})"[:300]
 
 
 def is_transient(e: BaseException) -> bool:
@@ -271,12 +275,10 @@ class EndpointPool:
             ep = self._choose(avoid)
             assert ep.semaphore is not None
             async with ep.semaphore:
-                ci = ep.pick_client()
                 ep.in_flight += 1
-                ep.in_flight_per_client[ci] += 1
                 ep.stats.requests += 1
                 try:
-                    raw = await ep.clients[ci].post(
+                    raw = await ep.client.post(
                         "/chat/completions",
                         content=payload,
                         cast_to=ep.response_type,
@@ -293,7 +295,6 @@ class EndpointPool:
                     error = None
                 finally:
                     ep.in_flight -= 1
-                    ep.in_flight_per_client[ci] -= 1
             if error is None:
                 return self._parse(body, ep, attempt)
             last = _reason(error)

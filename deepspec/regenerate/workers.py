@@ -1,7 +1,8 @@
 """Client worker processes: ``deepspec regenerate --workers N``.
 
-One Python process spends ~1 ms of CPU per request in the ``openai``/``httpx`` stack, so it tops out
-near 1,000 requests/s whatever the servers could give. ``--workers N`` starts N processes
+One Python process spends ~0.6-1.3 ms of CPU per request in the ``openai`` client and its aiohttp
+transport, so it tops out near 800-1,700 requests/s whatever the servers could give
+(``bench/regen_latency.py``). ``--workers N`` starts N processes
 (``python -m deepspec.regenerate.workers``), each sending an interleaved part of this run's
 unfinished records to the same endpoints, with the per-endpoint concurrency split between them.
 
@@ -87,6 +88,7 @@ class RunStats:
     cpu_s: float = 0.0  # process CPU time spent sending (all processes; start-up not included)
     send_start: float | None = None  # epoch seconds: first process starts sending
     send_end: float | None = None  # epoch seconds: last process done
+    windows: list[tuple[float, float]] = field(default_factory=list)  # (start, end) of each process
 
     @property
     def send_s(self) -> float:
@@ -104,10 +106,19 @@ class RunStats:
             "client_cpu_ms_per_request": round(1000 * self.cpu_s / self.requests, 4)
             if self.requests
             else None,
+            # How unevenly the processes started and finished sending (0 with one process): the
+            # throughput window above runs from the first start to the last end.
+            "send_start_spread_s": round(max(s for s, _ in self.windows) - self.send_start, 3)
+            if self.windows and self.send_start
+            else 0.0,
+            "send_end_spread_s": round(self.send_end - min(e for _, e in self.windows), 3)
+            if self.windows and self.send_end
+            else 0.0,
         }
 
     def add_timing(self, cpu_s: float, start: float, end: float) -> None:
         self.cpu_s += cpu_s
+        self.windows.append((start, end))
         self.send_start = start if self.send_start is None else min(self.send_start, start)
         self.send_end = end if self.send_end is None else max(self.send_end, end)
 

@@ -85,3 +85,28 @@ def test_backoff_is_full_jitter_and_bounded() -> None:
         assert all(0 <= d <= cap for d in delays)
         assert max(delays) > 0.8 * cap  # spread over the whole range (full jitter)
     assert pool.backoff(0, retry_after=3.0) >= 3.0
+
+
+def test_network_error_reasons_name_what_happened(tmp_path: Path, stub) -> None:
+    """A dropped connection, a per-request timeout and a refused connection each say so.
+
+    The aiohttp transport maps every connection error to httpx's ``ConnectTimeout``; the reason must
+    come from the transport's own exception, not from that mapping.
+    """
+    dropping = stub(fail_rate=1.0, fail_times=9, fault_kinds=("drop",))
+    inp = write_records(tmp_path / "in.jsonl", prompts(1))
+    run_job(inp, tmp_path / "drop.jsonl", dropping.base_url, settings=settings(max_retries=0))
+    [dropped] = read_jsonl(tmp_path / "drop.jsonl")
+    assert dropped["status"] == "error"
+    assert "connection error (ServerDisconnectedError" in dropped["error"], dropped["error"]
+
+    slow = stub(latency_ms=2000)
+    run_job(
+        inp, tmp_path / "slow.jsonl", slow.base_url, settings=settings(max_retries=0, request_timeout_s=0.3)
+    )
+    [timed_out] = read_jsonl(tmp_path / "slow.jsonl")
+    assert timed_out["status"] == "error"
+    assert "last: timeout (" in timed_out["error"], timed_out["error"]
+
+    with pytest.raises(RegenerationError, match=r"connection error \(ConnectionRefusedError"):
+        run_job(inp, tmp_path / "refused.jsonl", "http://127.0.0.1:9")

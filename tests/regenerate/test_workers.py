@@ -43,6 +43,10 @@ def test_workers_output_equals_one_process(tmp_path: Path, stub) -> None:
         assert three[key] == one[key]
     assert three["skipped"] == 1 and three["ok"] == 40
     assert three["requests"] >= 41 and three["retries"] >= 1  # statistics come back from the workers
+    # the throughput window spans all three workers' windows; how unevenly they started/ended is reported
+    assert one["send_start_spread_s"] == one["send_end_spread_s"] == 0.0
+    assert 0.0 <= three["send_start_spread_s"] < three["send_s"]
+    assert 0.0 <= three["send_end_spread_s"] < three["send_s"]
     assert not worker_journals(OutputPaths(tmp_path / "three" / "regen.jsonl")), "worker journals folded"
 
 
