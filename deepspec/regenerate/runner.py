@@ -322,7 +322,7 @@ async def open_pool(job: RegenerationJob, concurrency: int) -> tuple[EndpointPoo
 
 
 async def send_records(
-    todo: list[int],
+    todo: list[int] | Any,
     items: list[Conversation | BadRecord],
     pool: EndpointPool,
     job: RegenerationJob,
@@ -331,18 +331,27 @@ async def send_records(
 ) -> None:
     """Regenerate the conversations at ``todo`` with up to the pool's concurrency in flight.
 
+    ``todo`` is a list of input indices, or a work source with ``async take() -> int | None`` (a
+    worker process gets its records from the parent that way, see ``workers.WorkFromParent``).
     ``on_record(record)`` is called as each one finishes (it journals it).
     """
     prov = provenance(job.settings, model, job.revision)
-    it = iter(todo)
+    if isinstance(todo, list):
+        it = iter(todo)
+        lanes = min(len(todo), pool.total_concurrency)
+
+        async def take() -> int | None:
+            return next(it, None)  # lanes share one iterator: each index is taken once
+    else:
+        take, lanes = todo.take, pool.total_concurrency
 
     async def lane() -> None:
-        for k in it:  # lanes share one iterator: each index is taken once
+        while (k := await take()) is not None:
             conv = items[k]
             assert isinstance(conv, Conversation)
             on_record(await regenerate_conversation(conv, k, pool, job.settings, model, prov))
 
-    await asyncio.gather(*(lane() for _ in range(min(len(todo), pool.total_concurrency))))
+    await asyncio.gather(*(lane() for _ in range(lanes)))
 
 
 def _install_uvloop() -> None:
@@ -407,9 +416,9 @@ async def _regenerate(job: RegenerationJob) -> dict[str, Any]:
         todo = [k for k in mine if k not in done]
         n_workers = workers.effective_workers(job, len(todo))
         if todo and n_workers > 1:
-            writer.sync()  # the workers read this journal to find their records
+            writer.sync()
             try:
-                await workers.run_workers(job, paths, fingerprint, n_workers, progress, stats)
+                await workers.run_workers(job, paths, fingerprint, todo, n_workers, progress, stats)
             finally:  # also after a failed worker: what the others finished is kept
                 workers.fold(paths, fingerprint, mine_set, done, writer)
         elif todo:

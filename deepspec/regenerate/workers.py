@@ -3,13 +3,19 @@
 One Python process spends ~0.6-1.3 ms of CPU per request in the ``openai`` client and its aiohttp
 transport, so it tops out near 800-1,700 requests/s whatever the servers could give
 (``bench/regen_latency.py``). ``--workers N`` starts N processes
-(``python -m deepspec.regenerate.workers``), each sending an interleaved part of this run's
-unfinished records to the same endpoints, with the per-endpoint concurrency split between them.
+(``python -m deepspec.regenerate.workers``) that send this run's unfinished records to the same
+endpoints, with the per-endpoint concurrency split between them.
+
+Work is handed out by the parent, in chunks, on request (guided self-scheduling): a worker writes
+``N`` on its stdout when its queue runs low and the parent answers ``W i j k ...`` (input indices) on
+the worker's stdin, ``W`` alone when nothing is left. A chunk is a quarter of an even share of what
+is left, capped by the worker's concurrency, so chunks shrink towards the end and the workers finish
+together. Nothing is handed out before every worker has asked once (or ended), so they also start
+sending together, after their start-up (imports, endpoint probe).
 
 Crash safety reuses the journal machinery:
 
-* the parent journals bad input itself, fsyncs its journal, then starts the workers; a worker reads
-  that journal (read-only) to list the unfinished records and takes every N-th of them;
+* the parent journals bad input itself and fsyncs its journal before starting the workers;
 * each worker appends its finished records to its own journal
   ``<base>.worker-<w>-of-<N>.journal.jsonl`` (same fingerprint as the run, plus the worker id) and
   holds an exclusive ``flock`` on it while alive; a worker dies with its parent (``PR_SET_PDEATHSIG``
@@ -17,7 +23,8 @@ Crash safety reuses the journal machinery:
 * the parent (after its workers end, or on the next run after a SIGKILL of anyone) *folds* every
   worker journal into the run's journal: it waits for the worker's lock, appends the records it
   does not hold yet, fsyncs, and only then deletes the worker journal. Records are keyed by input
-  index, so a crash between the append and the delete cannot duplicate one.
+  index, so a crash between the append and the delete cannot duplicate one. Records handed to a
+  worker that dies unfinished are simply not journaled: the run fails and a re-run sends them.
 
 The output is then written by the parent from its journal, in input order, exactly as with one
 process; the number of workers is not part of the fingerprint and may change between resumes.
@@ -28,8 +35,10 @@ every 0.25 s, ``S {json}`` at the end); their logs go to the shared stderr.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -224,10 +233,21 @@ def _worker_spec(job: Any, w: int, n: int, fingerprint: dict[str, Any]) -> str:
     )
 
 
+def chunk_size(left: int, workers: int, cap: int) -> int:
+    """Guided self-scheduling: a quarter of an even share of what is left, at most ``cap``, at least 1."""
+    return max(1, min(cap, math.ceil(left / (4 * workers))))
+
+
 async def run_workers(
-    job: Any, paths: OutputPaths, fingerprint: dict[str, Any], n: int, progress: Any, stats: RunStats
+    job: Any,
+    paths: OutputPaths,
+    fingerprint: dict[str, Any],
+    todo: list[int],
+    n: int,
+    progress: Any,
+    stats: RunStats,
 ) -> None:
-    """Start ``n`` worker processes, relay their progress, collect their statistics, wait for all.
+    """Start ``n`` worker processes, hand them ``todo`` in chunks, relay their progress, wait for all.
 
     A worker that fails (or is killed) does not stop the others; afterwards the run fails with a
     message saying to re-run, which resumes from the journals.
@@ -243,6 +263,7 @@ async def run_workers(
             "-m",
             "deepspec.regenerate.workers",
             _worker_spec(job, w, n, fingerprint),
+            stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             env=env,
         )
@@ -251,22 +272,47 @@ async def run_workers(
     reported = [(0, 0)] * n
     base_records, base_tokens = progress.records, progress.tokens  # skipped records, counted already
     stats.workers = n
+    left = collections.deque(todo)
+    caps = [concurrency_share(job.settings.concurrency, w, n) for w in range(n)]
+    started: set[int] = set()  # workers that asked for work once, or ended
+    all_started = asyncio.Event()
+
+    def start(w: int) -> None:
+        started.add(w)
+        if len(started) == n:
+            all_started.set()
+
+    async def hand_out(w: int, proc: asyncio.subprocess.Process) -> None:
+        start(w)
+        await all_started.wait()
+        chunk = [left.popleft() for _ in range(min(len(left), chunk_size(len(left), n, caps[w])))]
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(("W " + " ".join(map(str, chunk)) + "\n").encode())
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):  # the worker died: its exit code reports it
+            pass
 
     async def relay(w: int, proc: asyncio.subprocess.Process) -> int:
         assert proc.stdout is not None
-        async for line in proc.stdout:
-            kind, _, rest = line.decode().rstrip("\n").partition(" ")
-            if kind == "P":
-                records, tokens = rest.split()
-                reported[w] = (int(records), int(tokens))
-                progress.set(
-                    base_records + sum(r for r, _ in reported), base_tokens + sum(t for _, t in reported)
-                )
-            elif kind == "S":
-                s = json.loads(rest)
-                stats.add(s["requests"], s["retries"], s["endpoints"])
-                if s["send_start"] is not None:
-                    stats.add_timing(s["cpu_s"], s["send_start"], s["send_end"])
+        try:
+            async for line in proc.stdout:
+                kind, _, rest = line.decode().rstrip("\n").partition(" ")
+                if kind == "N":
+                    await hand_out(w, proc)
+                elif kind == "P":
+                    records, tokens = rest.split()
+                    reported[w] = (int(records), int(tokens))
+                    progress.set(
+                        base_records + sum(r for r, _ in reported), base_tokens + sum(t for _, t in reported)
+                    )
+                elif kind == "S":
+                    s = json.loads(rest)
+                    stats.add(s["requests"], s["retries"], s["endpoints"])
+                    if s["send_start"] is not None:
+                        stats.add_timing(s["cpu_s"], s["send_start"], s["send_end"])
+        finally:
+            start(w)  # a worker that ended before asking must not hold the others back
         return await proc.wait()
 
     try:
@@ -333,9 +379,62 @@ class _Reporter:
         sys.stdout.flush()
 
 
+class WorkFromParent:
+    """A worker's records, asked from the parent in chunks: ``N`` on stdout, ``W i j k`` on stdin.
+
+    The next chunk is asked for when the queue falls to half the last chunk, so lanes rarely wait.
+    An empty ``W`` (or the parent's stdin closing) means there is no more work.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self.reader = reader
+        self.queue: collections.deque[int] = collections.deque()
+        self.low_water = 0
+        self.exhausted = False
+        self.asking: asyncio.Future[None] | None = None
+        self.first_chunk: tuple[float, float] | None = None  # (time.time(), process_time) it came
+
+    @classmethod
+    async def open(cls) -> WorkFromParent:
+        reader = asyncio.StreamReader(limit=1 << 24)
+        loop = asyncio.get_running_loop()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+        return cls(reader)
+
+    def _ask(self) -> None:
+        if self.asking is None and not self.exhausted:
+            sys.stdout.write("N\n")
+            sys.stdout.flush()
+            self.asking = asyncio.ensure_future(self._receive())
+
+    async def _receive(self) -> None:
+        words = (await self.reader.readline()).split()
+        if len(words) <= 1:  # "W" alone, or EOF
+            self.exhausted = True
+        else:
+            if self.first_chunk is None:
+                self.first_chunk = (time.time(), time.process_time())
+            self.queue.extend(int(x) for x in words[1:])
+            self.low_water = (len(words) - 1) // 2
+        self.asking = None
+
+    async def take(self) -> int | None:
+        """The next input index to send, or None when the parent has no more."""
+        while True:
+            if self.queue:
+                k = self.queue.popleft()
+                if len(self.queue) <= self.low_water:
+                    self._ask()  # prefetch
+                return k
+            if self.exhausted:
+                return None
+            self._ask()
+            assert self.asking is not None
+            await asyncio.shield(self.asking)  # several lanes wait for the same answer
+
+
 async def _work(spec: dict[str, Any]) -> None:
     from deepspec.config import RegenerationConfig
-    from deepspec.data.conversations import Conversation
     from deepspec.regenerate.runner import RegenerationJob, load_items, open_pool, send_records
     from deepspec.regenerate.shards import parse_shard
 
@@ -357,10 +456,7 @@ async def _work(spec: dict[str, Any]) -> None:
     watchdog = asyncio.ensure_future(_watch_parent(spec["parent"]))
     base = OutputPaths(Path(job.output_path))
     paths = base.shard(job.shard) if job.shard else base
-    items, mine = load_items(job)
-    _, done = load_journal(paths.journal, repair=False)  # the parent fsync'd it and does not write now
-    pending = [k for k in mine if k not in done and isinstance(items[k], Conversation)]
-    todo = pending[w::n]
+    items, _ = load_items(job)
     writer = JournalWriter(
         worker_journal(paths, w, n),
         spec["fingerprint"],
@@ -369,16 +465,18 @@ async def _work(spec: dict[str, Any]) -> None:
     )
     reporter = _Reporter()
     pool = None
+    timing = None
     try:
-        if todo:
-            pool, model = await open_pool(job, spec["concurrency"])
+        pool, model = await open_pool(job, spec["concurrency"])
+        work = await WorkFromParent.open()
 
-            def finished(rec: dict[str, Any]) -> None:
-                writer.append(rec)
-                reporter.update(rec)
+        def finished(rec: dict[str, Any]) -> None:
+            writer.append(rec)
+            reporter.update(rec)
 
-            cpu0, t0 = time.process_time(), time.time()
-            await send_records(todo, items, pool, job, model, finished)
+        await send_records(work, items, pool, job, model, finished)
+        if work.first_chunk is not None:  # the sending phase starts with the first chunk of work
+            t0, cpu0 = work.first_chunk
             timing = (time.process_time() - cpu0, t0, time.time())
     finally:
         writer.close()  # fsync'd before the parent hears that this worker is done
@@ -389,6 +487,7 @@ async def _work(spec: dict[str, Any]) -> None:
     stats = RunStats()
     if pool is not None:
         stats.add_pool(pool)
+    if timing is not None:
         stats.add_timing(*timing)
     sys.stdout.write("S " + json.dumps(asdict(stats)) + "\n")
     sys.stdout.flush()

@@ -16,7 +16,7 @@ import pytest
 from deepspec.regenerate.journal import JournalWriter, load_journal
 from deepspec.regenerate.runner import RegenerationError
 from deepspec.regenerate.shards import OutputPaths, Shard
-from deepspec.regenerate.workers import auto_workers, concurrency_share, fold, worker_journals
+from deepspec.regenerate.workers import auto_workers, chunk_size, concurrency_share, fold, worker_journals
 
 from .conftest import prompts, read_jsonl, regenerate_cmd, regenerate_env, run_job, settings, write_records
 
@@ -166,8 +166,19 @@ def test_sigkill_worker_fails_the_run_then_resume(tmp_path: Path, stub) -> None:
     assert not out.exists()
     log_at_kill = len((tmp_path / "requests.jsonl").read_text().splitlines())
     finished = _finished_ids(paths)
-    assert 10 <= len(finished) < N
+    # Work is handed out on request, so worker 1 took over everything worker 0 had not been given:
+    # only worker 0's outstanding records are missing: its 2 lanes in flight and at most 3 queued
+    # (the 1 left when it asked for more + the next 2-record chunk). With a fixed split, worker 0's
+    # whole unfinished half (~20 records) would be missing.
+    assert N - 5 <= len(finished) < N
     _resume_and_check(tmp_path, server, inp, out, finished, log_at_kill)
+
+
+def test_workers_that_cannot_start_end_the_run_with_a_clear_error(tmp_path: Path) -> None:
+    """Nothing is handed out before every worker asked once; a worker that dies first must not hang it."""
+    inp = write_records(tmp_path / "in.jsonl", prompts(6))
+    with pytest.raises(RegenerationError, match=r"worker 0 exit 2.*re-run"):
+        run_job(inp, tmp_path / "regen.jsonl", "http://127.0.0.1:9/v1", workers=2)
 
 
 def test_fold_refuses_a_worker_journal_of_other_settings(tmp_path: Path) -> None:
@@ -190,6 +201,9 @@ def test_worker_arithmetic_and_cli_value(tmp_path: Path, stub) -> None:
     assert sum(concurrency_share(256, w, 7) for w in range(7)) == 256
     assert auto_workers(256, 1, cpus=16) == 4 and auto_workers(256, 1, cpus=2) == 2
     assert auto_workers(8, 1, cpus=16) == 1 and auto_workers(64, 4, cpus=16) == 4
+    # chunks: a quarter of an even share of what is left, capped by the worker's concurrency, >= 1
+    assert chunk_size(10_000, 4, cap=64) == 64
+    assert [chunk_size(left, 4, cap=64) for left in (800, 160, 17, 1)] == [50, 10, 2, 1]
     server = stub()
     inp = write_records(tmp_path / "in.jsonl", prompts(3))
     done = subprocess.run(
