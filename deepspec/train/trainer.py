@@ -237,7 +237,11 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         # fused: one kernel per step on CUDA, and no parameter-sized temporary (the foreach default has one)
         self.optimizer = torch.optim.AdamW(
-            params, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.95), fused=self.device.type == "cuda"
+            params,
+            lr=tc.lr,
+            weight_decay=tc.weight_decay,
+            betas=(0.9, 0.95),
+            fused=self.device.type == "cuda",
         )
         warmup = int(tc.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
