@@ -47,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="1",
         metavar="N|auto",
         help="client processes sharing the work (default 1). One process spends ~0.6-1.3 ms of CPU per "
-        "request and tops out near 800-1,700 requests/s (bench/README.md); N processes each send every N-th unfinished record with "
-        "1/N of the per-endpoint concurrency, journal separately, and the output is merged in input "
+        "request and tops out near 800-1,700 requests/s (bench/README.md); N processes take the unfinished "
+        "records in chunks from the parent, each with 1/N of the per-endpoint concurrency, journal "
+        "separately, and the output is merged in input "
         "order. Resume works whatever N was. 'auto' = one per 64 concurrent requests, at most one per "
         "CPU core",
     )
