@@ -37,6 +37,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,6 +193,33 @@ def run_one(latency_ms: float, n: int, concurrency: int, workers: int, stub_work
     }
 
 
+def write_result(benchmark: str, out: str, **fields: Any) -> None:
+    """Write a result file: the command, date and machine (load average included), then ``fields``."""
+    try:
+        import uvloop  # noqa: F401
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    result = {
+        "benchmark": benchmark,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "event_loop": loop,
+            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),  # other work on the machine skews req/s
+        },
+        **fields,
+    }
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=5000)
@@ -240,30 +268,7 @@ def main() -> None:
             f"{r['client_cpu_ms_per_request']:>10.3f} {r['client_cpu_ms_per_request_with_startup']:>8.3f} "
             f"{r['send_start_spread_s'] or 0:>4.1f}/{r['send_end_spread_s'] or 0:<4.1f}"
         )
-    try:
-        import uvloop  # noqa: F401
-
-        loop = "uvloop"
-    except ImportError:
-        loop = "asyncio"
-    result = {
-        "benchmark": "regen_client",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "event_loop": loop,
-            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),  # other work on the machine skews req/s
-        },
-        "stub_capacity": capacity,
-        "results": rows,
-    }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    write_result("regen_client", a.out, stub_capacity=capacity, results=rows)
 
 
 if __name__ == "__main__":

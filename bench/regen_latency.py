@@ -16,10 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
-import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -29,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from regen_client import start_stub, stop  # noqa: E402
+from regen_client import start_stub, stop, write_result  # noqa: E402
 
 from deepspec.regenerate.endpoints import EndpointPool  # noqa: E402
 
@@ -116,23 +112,9 @@ def main() -> None:
             f"{r['latency_ms']['p50']}/{r['latency_ms']['p90']}/{r['latency_ms']['p99']} ms, "
             f"loop lag p50/p99 {r['loop_lag_ms']['p50']}/{r['loop_lag_ms']['p99']} ms"
         )
-    result = {
-        "benchmark": "regen_latency",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "load_avg_1m_at_end": round(os.getloadavg()[0], 2),
-        },
-        "stub_latency_ms": a.latency_ms,
-        "stub_workers": a.stub_workers,
-        "results": rows,
-    }
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {a.out}")
+    write_result(
+        "regen_latency", a.out, stub_latency_ms=a.latency_ms, stub_workers=a.stub_workers, results=rows
+    )
 
 
 if __name__ == "__main__":
