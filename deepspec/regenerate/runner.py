@@ -24,7 +24,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from deepspec.config import RegenerationConfig
 from deepspec.data.conversations import BadRecord, Conversation, Format, read_conversations
@@ -321,8 +321,14 @@ async def open_pool(job: RegenerationJob, concurrency: int) -> tuple[EndpointPoo
     return pool, model
 
 
+class WorkSource(Protocol):
+    """Input indices handed out one at a time (``workers.WorkFromParent`` in a worker process)."""
+
+    async def take(self) -> int | None: ...
+
+
 async def send_records(
-    todo: list[int] | Any,
+    todo: list[int] | WorkSource,
     items: list[Conversation | BadRecord],
     pool: EndpointPool,
     job: RegenerationJob,
@@ -331,8 +337,8 @@ async def send_records(
 ) -> None:
     """Regenerate the conversations at ``todo`` with up to the pool's concurrency in flight.
 
-    ``todo`` is a list of input indices, or a work source with ``async take() -> int | None`` (a
-    worker process gets its records from the parent that way, see ``workers.WorkFromParent``).
+    ``todo`` is a list of input indices, or a :class:`WorkSource` (a worker process gets its records
+    from the parent that way).
     ``on_record(record)`` is called as each one finishes (it journals it).
     """
     prov = provenance(job.settings, model, job.revision)
@@ -416,7 +422,6 @@ async def _regenerate(job: RegenerationJob) -> dict[str, Any]:
         todo = [k for k in mine if k not in done]
         n_workers = workers.effective_workers(job, len(todo))
         if todo and n_workers > 1:
-            writer.sync()
             try:
                 await workers.run_workers(job, paths, fingerprint, todo, n_workers, progress, stats)
             finally:  # also after a failed worker: what the others finished is kept

@@ -15,7 +15,7 @@ sending together, after their start-up (imports, endpoint probe).
 
 Crash safety reuses the journal machinery:
 
-* the parent journals bad input itself and fsyncs its journal before starting the workers;
+* the parent journals bad input itself (it needs no request) and hands out only conversations;
 * each worker appends its finished records to its own journal
   ``<base>.worker-<w>-of-<N>.journal.jsonl`` (same fingerprint as the run, plus the worker id) and
   holds an exclusive ``flock`` on it while alive; a worker dies with its parent (``PR_SET_PDEATHSIG``
