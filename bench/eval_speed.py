@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def build_target(args: argparse.Namespace, algorithm: str):
-    from deepspec.target.model import TargetModel
+    from deepspec.target_model.model import TargetModel
     from deepspec.testing.shapes import random_target
 
     device = torch.device(args.device)

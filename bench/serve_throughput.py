@@ -90,7 +90,7 @@ def main() -> None:
     from deepspec.data.template import render_prompt
     from deepspec.serve.engine import GenerationEngine
     from deepspec.serve.sampling import SamplingParams
-    from deepspec.target.files import resolve_model_path
+    from deepspec.target_model.files import resolve_model_path
 
     batches = args.batches or ([1, 4, 16] if args.tiny else [64, 256])
     new_tokens = args.new_tokens or (32 if args.tiny else 256)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def gsm8k_like(n: int, vocab: int, mean_len: int, seed: int = 0):
     """Sequences of ~mean_len tokens (uniform +-35%), the last ~60% supervised (the answer)."""
-    from deepspec.train.data import TokenizedSequence
+    from deepspec.data.sequences import TokenizedSequence
 
     g = torch.Generator().manual_seed(seed)
     out = []

@@ -17,7 +17,7 @@ COMMANDS: dict[str, str] = {
     "run": "deepspec.pipeline",
     "serve": "deepspec.serve.cli",
     "regenerate": "deepspec.regenerate.cli",
-    "features": "deepspec.target.cli",
+    "features": "deepspec.features.cli",
     "train": "deepspec.train.cli",
     "eval": "deepspec.eval.cli",
     "benchmarks": "deepspec.eval.benchmarks_cli",
@@ -25,19 +25,6 @@ COMMANDS: dict[str, str] = {
     "recipe": "deepspec.recipe_cli",
     "operator": "deepspec.operator.cli",
 }
-
-
-def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options every recipe-driven command shares: ``--config`` and repeated ``--set``."""
-    parser.add_argument("-c", "--config", help="YAML recipe (see configs/); defaults apply when omitted")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="dotted override, e.g. --set training.lr=3e-4 (repeatable; value parsed as YAML)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,7 @@ HELP = "validate / show a recipe, or print the recipe JSON schema"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from deepspec.cli import add_recipe_arguments
+    from deepspec.cli_args import add_recipe_arguments
 
     parser.add_argument("action", choices=["show", "validate", "schema"], help="what to do")
     parser.add_argument("files", nargs="*", help="recipes to validate (validate only)")

@@ -44,7 +44,7 @@ SMOLLM2_DRAFTS = {
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """SmolLM2's real tokenizer (from the packaged GGUF; no weights are converted for it)."""
-    from deepspec.target.files import smollm2_tokenizer
+    from deepspec.target_model.files import smollm2_tokenizer
 
     try:
         return smollm2_tokenizer()
@@ -54,7 +54,7 @@ def smollm2_tokenizer():
 
 @pytest.fixture(scope="session")
 def smollm2_path() -> str:
-    from deepspec.target.files import resolve_model_path
+    from deepspec.target_model.files import resolve_model_path
 
     return resolve_model_path("smollm2")
 

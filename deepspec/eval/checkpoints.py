@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from deepspec.config import Recipe
     from deepspec.models.common import DraftModel
-    from deepspec.target.model import TargetModel
+    from deepspec.target_model.model import TargetModel
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -72,7 +72,7 @@ def load_target_and_draft(
 ) -> tuple[TargetModel, DraftModel, Path]:
     """Load the recipe's target with the checkpoint's layer ids, then the draft on it."""
     from deepspec.models import load_draft
-    from deepspec.target.model import TargetModel
+    from deepspec.target_model.model import TargetModel
 
     ckpt = resolve_checkpoint(local_path(recipe, checkpoint))
     cfg = read_checkpoint_config(ckpt)

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from deepspec.cli import add_recipe_arguments
+from deepspec.cli_args import add_recipe_arguments
 
 HELP = "measure accepted length (tau), acceptance and speedup of a draft on the benchmark suite"
 
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     checkpoint: str | None = None
     if args.drafter == "ngram":
-        from deepspec.target.model import TargetModel
+        from deepspec.target_model.model import TargetModel
 
         target = TargetModel.from_pretrained(
             recipe.target.model,

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from deepspec.eval.calibration import Calibration
     from deepspec.eval.scheduler import PrefixScheduler
     from deepspec.models.base import SpeculativeDrafter
-    from deepspec.target.model import TargetModel
+    from deepspec.target_model.model import TargetModel
 
 
 @dataclass

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from deepspec.target.model import TargetModel
+    from deepspec.target_model.model import TargetModel
 
 
 @dataclass

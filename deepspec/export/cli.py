@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from deepspec.cli import add_recipe_arguments
+from deepspec.cli_args import add_recipe_arguments
 
 HELP = (
     "export a draft checkpoint for SGLang / vLLM (validated; refused when the smoke accepted length is low)"

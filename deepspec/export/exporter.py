@@ -23,7 +23,7 @@ from deepspec.export.formats import ExportError, ExportSpec, expected_spec, serv
 
 if TYPE_CHECKING:
     from deepspec.models.common import DraftModel
-    from deepspec.target.model import TargetModel
+    from deepspec.target_model.model import TargetModel
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"

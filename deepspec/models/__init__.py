@@ -1,6 +1,6 @@
 """Draft models (Eagle3, DFlash, DSpark) and their inference protocol (``base``).
 
-``build_draft(cfg, target)`` makes a fresh draft for a :class:`~deepspec.target.model.TargetModel`;
+``build_draft(cfg, target)`` makes a fresh draft for a :class:`~deepspec.target_model.model.TargetModel`;
 ``load_draft(dir, target)`` rebuilds one from a checkpoint directory (``config.json`` + ``model.safetensors``).
 Heavy imports stay inside the functions so that ``import deepspec.models.base`` is cheap.
 """
@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
     from deepspec.config import DraftModelConfig
     from deepspec.models.common import DraftBatch, DraftModel, DraftOutput
-    from deepspec.target.model import TargetModel
+    from deepspec.target_model.model import TargetModel
 
 __all__ = ["DraftBatch", "DraftModel", "DraftOutput", "build_draft", "load_draft"]
 

@@ -18,7 +18,7 @@ from torch import nn
 if TYPE_CHECKING:
     from deepspec.config import DraftModelConfig
     from deepspec.models.base import SpeculativeDrafter
-    from deepspec.target.model import TargetModel
+    from deepspec.target_model.model import TargetModel
 
 # --------------------------------------------------------------------------------------------------
 # Training batch (trainer -> draft) and output (draft -> trainer)

@@ -44,7 +44,7 @@ from deepspec.models.common import (
 
 if TYPE_CHECKING:
     from deepspec.config import DraftModelConfig
-    from deepspec.target.model import TargetModel
+    from deepspec.target_model.model import TargetModel
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from deepspec.models.dflash import DFlashDraft, DFlashDrafter
 
 if TYPE_CHECKING:
     from deepspec.config import DraftModelConfig
-    from deepspec.target.model import TargetModel
+    from deepspec.target_model.model import TargetModel
 
 LOSS_TERMS = ("ce", "l1", "bce")
 

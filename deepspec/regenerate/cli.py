@@ -17,7 +17,7 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from deepspec.cli import add_recipe_arguments
+    from deepspec.cli_args import add_recipe_arguments
 
     add_recipe_arguments(parser)
     parser.add_argument("--input", help="conversations JSONL (default: data.path)")

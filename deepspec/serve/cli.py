@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from deepspec.cli import add_recipe_arguments
+from deepspec.cli_args import add_recipe_arguments
 
 HELP = "serve the target model with an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health)"
 DESCRIPTION = (

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from deepspec.target.files import SMOLLM2_ALIASES
+from deepspec.target_model.files import SMOLLM2_ALIASES
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -51,7 +51,7 @@ def build_app(
     """Resolve the target (GGUF -> cached safetensors), load it, and build the FastAPI app."""
     from deepspec.serve.app import create_app
     from deepspec.serve.engine import GenerationEngine
-    from deepspec.target.files import resolve_model_path
+    from deepspec.target_model.files import resolve_model_path
 
     engine = GenerationEngine(
         resolve_model_path(target.model),

@@ -32,11 +32,11 @@ ALIASES = {"smollm2-135m": "smollm2"}
 def random_target(
     shape: str, device: torch.device, algorithm: str, dtype: torch.dtype | None = None, seed: int = 0
 ):
-    """A frozen :class:`~deepspec.target.model.TargetModel` of ``shape`` with random weights (SDPA attention),
+    """A frozen :class:`~deepspec.target_model.model.TargetModel` of ``shape`` with random weights (SDPA attention),
     bf16 on CUDA and fp32 on CPU unless ``dtype`` is given; layers chosen as for ``algorithm``."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    from deepspec.target.model import TargetModel, default_layer_ids
+    from deepspec.target_model.model import TargetModel, default_layer_ids
 
     spec = dict(SHAPES[ALIASES.get(shape, shape)])
     arch = spec.pop("arch")

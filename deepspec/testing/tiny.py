@@ -13,7 +13,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from deepspec.target.model import TargetModel
+    from deepspec.target_model.model import TargetModel
 
 
 def _common(vocab: int, hidden: int, layers: int, heads: int, kv_heads: int) -> dict:
@@ -106,12 +106,12 @@ def save_tiny_target(out_dir: str, arch: str = "llama", **kwargs) -> str:
 
 
 def tiny_target(arch: str = "llama", layer_ids: list[int] | None = None, **kwargs) -> TargetModel:
-    """A :class:`~deepspec.target.model.TargetModel` around a tiny random model (``arch``: llama | qwen3).
+    """A :class:`~deepspec.target_model.model.TargetModel` around a tiny random model (``arch``: llama | qwen3).
 
     ``layer_ids`` defaults to the Eagle3 choice for the model depth. Extra keyword arguments go to the
     model builder (vocab, hidden, layers, heads, kv_heads, seed).
     """
-    from deepspec.target.model import TargetModel, default_layer_ids
+    from deepspec.target_model.model import TargetModel, default_layer_ids
 
     builders = {"llama": tiny_llama, "qwen3": tiny_qwen3}
     if arch not in builders:

@@ -8,7 +8,7 @@ HELP = "train a draft model (torchrun-compatible; resumes from <output_dir>/late
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from deepspec.cli import add_recipe_arguments
+    from deepspec.cli_args import add_recipe_arguments
 
     add_recipe_arguments(parser)
     parser.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")

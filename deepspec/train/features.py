@@ -10,12 +10,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from deepspec.train.data import TokenizedSequence, pad_batch
+from deepspec.data.sequences import TokenizedSequence, pad_batch
 
 if TYPE_CHECKING:
+    from deepspec.features.cache import FeatureCache
     from deepspec.models.common import DraftBatch
-    from deepspec.target.cache import FeatureCache
-    from deepspec.target.model import TargetModel
+    from deepspec.target_model.model import TargetModel
 
 
 class FeatureSource(Protocol):
@@ -49,7 +49,7 @@ class OnlineFeatures:
 
 
 class OfflineFeatures:
-    """Reads features from a validated :class:`~deepspec.target.cache.FeatureCache` (subset of its layers)."""
+    """Reads features from a validated :class:`~deepspec.features.cache.FeatureCache` (subset of its layers)."""
 
     def __init__(self, cache: FeatureCache, layer_ids: list[int], device: torch.device, dtype: torch.dtype):
         self.cache, self.layer_ids, self.device, self.dtype = cache, list(layer_ids), device, dtype

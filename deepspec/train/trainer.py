@@ -28,17 +28,15 @@ import torch.distributed as dist
 from torch import nn
 
 from deepspec.config import Recipe
-from deepspec.target.model import TargetModel
-from deepspec.train.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
-from deepspec.train.data import (
-    LoadStats,
+from deepspec.data.sequences import (
     ResumableBatchSampler,
     TokenizedSequence,
-    chat_template_kwargs_from,
-    load_training_records,
+    load_sequences,
     token_frequencies,
-    tokenize_records,
 )
+from deepspec.storage import resolve_path
+from deepspec.target_model.model import TargetModel
+from deepspec.train.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
 from deepspec.train.features import FeatureSource, OfflineFeatures, OnlineFeatures
 from deepspec.train.metrics import MetricsLogger, peak_flops, tau_estimate
 
@@ -105,25 +103,6 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
     return fn
 
 
-def resolve_path(recipe: Recipe, path: str) -> str:
-    """Relative paths resolve against ``storage.root`` (local folder or s3:// prefix)."""
-    from deepspec.target.store import is_s3, join
-
-    if is_s3(path) or os.path.isabs(path) or recipe.storage.root in ("", "."):
-        return path
-    return join(recipe.storage.root, path)
-
-
-def _local_file(recipe: Recipe, uri: str) -> Path:
-    """A local path for ``uri`` (downloads s3:// objects to a temp folder)."""
-    from deepspec.target.store import S3Store, is_s3
-
-    if not is_s3(uri):
-        return Path(uri)
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    return S3Store(parent, recipe.storage.s3_endpoint_url).local_copy(name)
-
-
 def default_draft_factory(cfg: Any, target: TargetModel) -> nn.Module:
     from deepspec.models import build_draft
 
@@ -187,7 +166,7 @@ class Trainer:
         # 1. target (frozen) and tokenizer
         from transformers import AutoTokenizer
 
-        from deepspec.target.files import resolve_model_path
+        from deepspec.target_model.files import resolve_model_path
 
         algorithm = recipe.draft.algorithm
         self._given_sequences = sequences
@@ -270,8 +249,7 @@ class Trainer:
     def _build_features(self) -> FeatureSource:
         r = self.recipe
         if r.features.mode == "offline":
-            from deepspec.target.cache import FeatureCache
-            from deepspec.target.cli import cache_identity
+            from deepspec.features.cache import FeatureCache, cache_identity
 
             cache = FeatureCache(resolve_path(r, r.features.cache_path or ""), r.storage.s3_endpoint_url)
             cache.validate(
@@ -489,26 +467,3 @@ class Trainer:
         if self.dist.enabled and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
-
-
-def load_sequences(recipe: Recipe, tokenizer: Any, progress: bool = False) -> list[TokenizedSequence]:
-    """Regenerated JSONL of the recipe -> tokenized training sequences (with loss masks)."""
-    path = _local_file(recipe, resolve_path(recipe, recipe.regeneration.output))
-    stats = LoadStats()
-    records = load_training_records(path, stats)
-    if recipe.data.max_samples:
-        records = records[: recipe.data.max_samples]
-    seqs = tokenize_records(
-        records,
-        tokenizer,
-        recipe.data.max_length,
-        chat_template_kwargs_from(recipe),
-        stats,
-        progress=progress,
-    )
-    if not seqs:
-        raise ValueError(
-            f"no trainable sequences in {path}: {stats.kept} records kept, {stats.skipped_status} skipped by "
-            f"status, {stats.bad_lines} unreadable, {stats.no_supervision} without assistant tokens"
-        )
-    return seqs

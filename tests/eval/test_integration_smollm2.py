@@ -26,14 +26,14 @@ NEW_TOKENS = 32
 def smollm2():
     from transformers import AutoTokenizer
 
-    from deepspec.target.files import resolve_model_path
+    from deepspec.target_model.files import resolve_model_path
 
     path = resolve_model_path("smollm2")
     return path, AutoTokenizer.from_pretrained(path)
 
 
 def _target(path: str, algorithm: str):
-    from deepspec.target.model import TargetModel
+    from deepspec.target_model.model import TargetModel
 
     return TargetModel.from_pretrained(path, None, algorithm, device="cpu", dtype=torch.float32)
 

@@ -17,7 +17,7 @@ PROMPTS = [[1, 5, 9, 17, 33, 5, 9], [1, 40, 41, 42]]
 
 def make(algorithm: str, arch: str = "llama", **draft_kwargs):
     from deepspec.models import build_draft
-    from deepspec.target.model import default_layer_ids
+    from deepspec.target_model.model import default_layer_ids
 
     target = tiny_target(arch, layer_ids=default_layer_ids(4, algorithm))
     torch.manual_seed(0)

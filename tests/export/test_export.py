@@ -24,7 +24,7 @@ CASES = [
 
 def make(algorithm, **kwargs):
     from deepspec.models import build_draft
-    from deepspec.target.model import default_layer_ids
+    from deepspec.target_model.model import default_layer_ids
 
     target = tiny_target("qwen3", layer_ids=default_layer_ids(4, algorithm))
     torch.manual_seed(0)

@@ -40,7 +40,7 @@ def first_records(path: Path, n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def smollm2_server(tmp_path_factory):
-    from deepspec.target.files import resolve_model_path, smollm2_gguf
+    from deepspec.target_model.files import resolve_model_path, smollm2_gguf
 
     try:
         smollm2_gguf()

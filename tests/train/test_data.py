@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from deepspec.train.data import LoadStats, ResumableBatchSampler, load_training_records, pad_batch
+from deepspec.data.sequences import LoadStats, ResumableBatchSampler, load_training_records, pad_batch
 from deepspec.train.trainer import lr_lambda
 
 
@@ -70,7 +70,7 @@ def test_sampler_splits_ranks():
 def test_pad_batch_right_pads():
     import torch
 
-    from deepspec.train.data import TokenizedSequence
+    from deepspec.data.sequences import TokenizedSequence
 
     s = [TokenizedSequence("a", torch.tensor([4, 5, 6]), torch.tensor([0, 1, 1])),
          TokenizedSequence("b", torch.tensor([7]), torch.tensor([1]))]  # fmt: skip

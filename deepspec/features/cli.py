@@ -9,7 +9,7 @@ HELP = "capture target hidden states into a resumable feature cache (offline fea
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from deepspec.cli import add_recipe_arguments
+    from deepspec.cli_args import add_recipe_arguments
 
     add_recipe_arguments(parser)
     parser.add_argument("--out", help="cache directory or s3:// prefix (default: features.cache_path)")
@@ -24,23 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--estimate-only", action="store_true", help="print the size estimate and exit")
 
 
-def cache_identity(recipe: Any, target: Any, tokenizer: Any) -> Any:
-    """The identity a cache must match for this recipe and target (layer ids = the target's)."""
-    from deepspec.target.cache import CacheIdentity, chat_template_hash, target_fingerprint, tokenizer_hash
-    from deepspec.train.data import chat_template_kwargs_from
-
-    return CacheIdentity(
-        target_model=recipe.target.model,
-        target_revision=recipe.target.revision,
-        target_config=target_fingerprint(target),
-        tokenizer_hash=tokenizer_hash(tokenizer),
-        chat_template_hash=chat_template_hash(tokenizer, chat_template_kwargs_from(recipe)),
-        layer_ids=list(target.layer_ids),
-    )
-
-
 def choose_layers(spec: str, recipe: Any, num_layers: int) -> list[int]:
-    from deepspec.target.model import default_layer_ids
+    from deepspec.target_model.model import default_layer_ids
 
     if spec == "recipe":
         return list(recipe.draft.target_layer_ids or default_layer_ids(num_layers, recipe.draft.algorithm))
@@ -62,10 +47,11 @@ def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from deepspec.config import load_recipe
-    from deepspec.target.cache import CacheError, FeatureCacheWriter, estimate_summary
-    from deepspec.target.files import resolve_model_path
-    from deepspec.target.model import TargetModel
-    from deepspec.train.trainer import load_sequences, resolve_path
+    from deepspec.data.sequences import load_sequences
+    from deepspec.features.cache import CacheError, FeatureCacheWriter, cache_identity, estimate_summary
+    from deepspec.storage import resolve_path
+    from deepspec.target_model.files import resolve_model_path
+    from deepspec.target_model.model import TargetModel
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     recipe = load_recipe(args.config, args.overrides)

@@ -206,3 +206,28 @@ def pad_batch(sequences: list[TokenizedSequence], pad_id: int = 0) -> dict[str, 
         n = s.input_ids.numel()
         ids[i, :n], attn[i, :n], loss[i, :n] = s.input_ids, 1, s.loss_mask
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+def load_sequences(recipe: Any, tokenizer: Any, progress: bool = False) -> list[TokenizedSequence]:
+    """Regenerated JSONL of the recipe -> tokenized training sequences (with loss masks)."""
+    from deepspec.storage import local_file, resolve_path
+
+    path = local_file(recipe, resolve_path(recipe, recipe.regeneration.output))
+    stats = LoadStats()
+    records = load_training_records(path, stats)
+    if recipe.data.max_samples:
+        records = records[: recipe.data.max_samples]
+    seqs = tokenize_records(
+        records,
+        tokenizer,
+        recipe.data.max_length,
+        chat_template_kwargs_from(recipe),
+        stats,
+        progress=progress,
+    )
+    if not seqs:
+        raise ValueError(
+            f"no trainable sequences in {path}: {stats.kept} records kept, {stats.skipped_status} skipped by "
+            f"status, {stats.bad_lines} unreadable, {stats.no_supervision} without assistant tokens"
+        )
+    return seqs

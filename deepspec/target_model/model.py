@@ -137,7 +137,7 @@ class TargetModel(nn.Module):
         """Load ``spec`` (HF dir, .gguf, 'smollm2' or hub id) frozen; dtype 'auto' = bf16 on GPU, fp32 on CPU."""
         from transformers import AutoModelForCausalLM
 
-        from deepspec.target.files import resolve_model_path
+        from deepspec.target_model.files import resolve_model_path
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None or dtype == "auto":

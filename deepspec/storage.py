@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def is_s3(uri: str) -> bool:
@@ -155,3 +156,18 @@ class S3Store:
 
 def open_store(uri: str, endpoint_url: str | None = None) -> LocalStore | S3Store:
     return S3Store(uri, endpoint_url) if is_s3(uri) else LocalStore(uri)
+
+
+def resolve_path(recipe: Any, path: str) -> str:
+    """Relative paths resolve against ``storage.root`` (local folder or s3:// prefix)."""
+    if is_s3(path) or os.path.isabs(path) or recipe.storage.root in ("", "."):
+        return path
+    return join(recipe.storage.root, path)
+
+
+def local_file(recipe: Any, uri: str) -> Path:
+    """A local path for ``uri`` (downloads s3:// objects to a temp folder)."""
+    if not is_s3(uri):
+        return Path(uri)
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    return S3Store(parent, recipe.storage.s3_endpoint_url).local_copy(name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepspec.target.model import TargetModel, default_layer_ids
+from deepspec.target_model.model import TargetModel, default_layer_ids
 from deepspec.testing.tiny import tiny_llama, tiny_qwen3, tiny_target
 
 

@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from deepspec.target.store import LocalStore, S3Store, open_store
-from deepspec.train.data import TokenizedSequence
+from deepspec.data.sequences import TokenizedSequence
+from deepspec.storage import LocalStore, S3Store, open_store
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,7 @@ class FeatureCacheWriter:
 
     @torch.no_grad()
     def _compute_shard(self, shard_index: int, members: list[int]) -> dict[str, torch.Tensor]:
-        from deepspec.train.data import pad_batch
+        from deepspec.data.sequences import pad_batch
 
         device = self.target.device
         k = len(self.identity.layer_ids)
@@ -554,3 +554,17 @@ __all__ = [
     "target_fingerprint",
     "tokenizer_hash",
 ]
+
+
+def cache_identity(recipe: Any, target: Any, tokenizer: Any) -> Any:
+    """The identity a cache must match for this recipe and target (layer ids = the target's)."""
+    from deepspec.data.sequences import chat_template_kwargs_from
+
+    return CacheIdentity(
+        target_model=recipe.target.model,
+        target_revision=recipe.target.revision,
+        target_config=target_fingerprint(target),
+        tokenizer_hash=tokenizer_hash(tokenizer),
+        chat_template_hash=chat_template_hash(tokenizer, chat_template_kwargs_from(recipe)),
+        layer_ids=list(target.layer_ids),
+    )

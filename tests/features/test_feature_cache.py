@@ -16,21 +16,21 @@ import pytest
 import torch
 
 from deepspec.config import Recipe
-from deepspec.target.cache import (
+from deepspec.data.sequences import load_sequences
+from deepspec.features.cache import (
     CacheCorruptError,
     CacheError,
     CacheMismatchError,
     FeatureCache,
     FeatureCacheWriter,
     bytes_per_token,
+    cache_identity,
     dequantize_fp8,
     quantize_fp8,
 )
-from deepspec.target.cli import cache_identity
-from deepspec.target.model import TargetModel
+from deepspec.target_model.model import TargetModel
 from deepspec.testing.tiny import tiny_recipe
 from deepspec.train.features import OfflineFeatures, OnlineFeatures
-from deepspec.train.trainer import load_sequences
 
 LAYERS = [0, 1, 2]  # the cache stores these; drafts below use subsets
 
@@ -115,7 +115,7 @@ CRASH_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     sys.path.insert(0, {tests!r})
-    import deepspec.target.cache as cache_mod
+    import deepspec.features.cache as cache_mod
     from test_feature_cache import _setup, _write
     from pathlib import Path
     def crash(shard, batch):
@@ -214,7 +214,7 @@ def test_incomplete_cache_is_refused(env, tmp_path):
 
 
 def test_refuses_to_start_without_space(env, tmp_path, monkeypatch):
-    from deepspec.target.store import LocalStore
+    from deepspec.storage import LocalStore
 
     recipe, tok, target, seqs = env
     monkeypatch.setattr(LocalStore, "free_bytes", lambda self: 10_000)
