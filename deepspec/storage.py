@@ -1,4 +1,5 @@
-"""A tiny file store over a local directory or an ``s3://bucket/prefix`` (boto3), used by the feature cache.
+"""Storage primitives: atomic local writes, and a tiny file store over a local directory or an
+``s3://bucket/prefix`` (boto3), used by the feature cache and the run layout (:mod:`deepspec.layout`).
 
 Only what the cache needs: whole-object writes (atomic locally: temp file + ``os.replace``; S3 PUTs
 are atomic by nature), reads into a local path, listing, deletion. Large objects go through a local
@@ -8,11 +9,44 @@ twice.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename.
+
+    Readers see the old content or the new one, never a torn file, even after a SIGKILL.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Path:
+    """:func:`atomic_write_bytes` for a JSON document (UTF-8, trailing newline)."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
 
 
 def is_s3(uri: str) -> bool:
@@ -43,11 +77,7 @@ class LocalStore:
         return self.path(name).read_text(encoding="utf-8")
 
     def write_text(self, name: str, text: str) -> None:
-        p = self.path(name)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + f".tmp-{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, p)
+        atomic_write_text(self.path(name), text)
 
     def put_file(self, name: str, local: Path) -> None:
         """Move a finished local file into place atomically."""
@@ -103,6 +133,12 @@ class S3Store:
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
+    def exists_prefix(self) -> bool:
+        """Whether any object lives under this store's prefix (i.e. the URI names a folder)."""
+        prefix = self.prefix + "/" if self.prefix else ""
+        page = self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
+        return bool(page.get("Contents"))
+
     def exists(self, name: str) -> bool:
         from botocore.exceptions import ClientError
 
@@ -156,18 +192,3 @@ class S3Store:
 
 def open_store(uri: str, endpoint_url: str | None = None) -> LocalStore | S3Store:
     return S3Store(uri, endpoint_url) if is_s3(uri) else LocalStore(uri)
-
-
-def resolve_path(recipe: Any, path: str) -> str:
-    """Relative paths resolve against ``storage.root`` (local folder or s3:// prefix)."""
-    if is_s3(path) or os.path.isabs(path) or recipe.storage.root in ("", "."):
-        return path
-    return join(recipe.storage.root, path)
-
-
-def local_file(recipe: Any, uri: str) -> Path:
-    """A local path for ``uri`` (downloads s3:// objects to a temp folder)."""
-    if not is_s3(uri):
-        return Path(uri)
-    parent, _, name = uri.rstrip("/").rpartition("/")
-    return S3Store(parent, recipe.storage.s3_endpoint_url).local_copy(name)

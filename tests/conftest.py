@@ -156,3 +156,37 @@ def tiny_data(tmp_path_factory) -> str:
     from deepspec.testing.tiny import write_tiny_regenerated
 
     return write_tiny_regenerated(str(tmp_path_factory.mktemp("data") / "regenerated.jsonl"), n=24)
+
+
+# --------------------------------------------------------------------------------------------------
+# S3 through moto's server mode (a real HTTP endpoint speaking the S3 API, on loopback).
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def moto_s3_endpoint():
+    """A moto S3 server on 127.0.0.1 for the whole session; yields its endpoint URL.
+
+    Credentials and region are dummy values set in the environment for boto3; each test creates its
+    own bucket (names must differ between tests).
+    """
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -210,9 +210,10 @@ def pad_batch(sequences: list[TokenizedSequence], pad_id: int = 0) -> dict[str, 
 
 def load_sequences(recipe: Any, tokenizer: Any, progress: bool = False) -> list[TokenizedSequence]:
     """Regenerated JSONL of the recipe -> tokenized training sequences (with loss masks)."""
-    from deepspec.storage import local_file, resolve_path
+    from deepspec.layout import RunLayout
 
-    path = local_file(recipe, resolve_path(recipe, recipe.regeneration.output))
+    layout = RunLayout.from_recipe(recipe)
+    path = layout.local_input(layout.regenerated)
     stats = LoadStats()
     records = load_training_records(path, stats)
     if recipe.data.max_samples:

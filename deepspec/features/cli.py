@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from deepspec.config import load_recipe
     from deepspec.data.sequences import load_sequences
     from deepspec.features.cache import CacheError, FeatureCacheWriter, cache_identity, estimate_summary
-    from deepspec.storage import resolve_path
+    from deepspec.layout import RunLayout
     from deepspec.target_model.files import resolve_model_path
     from deepspec.target_model.model import TargetModel
 
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or recipe.features.cache_path
     if not out:
         raise SystemExit("no cache destination: pass --out or set features.cache_path in the recipe")
-    out = resolve_path(recipe, out)
+    out = RunLayout.from_recipe(recipe).resolve(out)
     path = resolve_model_path(recipe.target.model)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.target.trust_remote_code)
     cfg = AutoConfig.from_pretrained(path, trust_remote_code=recipe.target.trust_remote_code)

@@ -34,7 +34,7 @@ from deepspec.data.sequences import (
     load_sequences,
     token_frequencies,
 )
-from deepspec.storage import resolve_path
+from deepspec.layout import RunLayout
 from deepspec.target_model.model import TargetModel
 from deepspec.train.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
 from deepspec.train.features import FeatureSource, OfflineFeatures, OnlineFeatures
@@ -251,7 +251,7 @@ class Trainer:
         if r.features.mode == "offline":
             from deepspec.features.cache import FeatureCache, cache_identity
 
-            cache = FeatureCache(resolve_path(r, r.features.cache_path or ""), r.storage.s3_endpoint_url)
+            cache = FeatureCache(RunLayout.from_recipe(r).features or "", r.storage.s3_endpoint_url)
             cache.validate(
                 cache_identity(r, self.target, self.tokenizer), needed_layer_ids=self.target.layer_ids
             )
