@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Algorithm = Literal["eagle3", "dflash", "dspark"]
 
@@ -57,6 +57,17 @@ class TargetConfig(StrictModel):
     trust_remote_code: bool = Field(
         False, description="Allow custom modeling code from the model repository."
     )
+
+    @field_validator("model")
+    @classmethod
+    def _no_object_store(cls, v: str) -> str:
+        # Checked here, not hours later in the server: model loaders (transformers, SGLang) read files.
+        if v.startswith("s3://"):
+            raise ValueError(
+                "s3:// is not supported for the target model: copy it to a local directory or a volume "
+                "and give that path (or a hub id)"
+            )
+        return v
 
 
 # --------------------------------------------------------------------------------------------------

@@ -30,8 +30,10 @@ def stage_commands(
     recipe_path: str | None, overrides: list[str], stages: list[str], recipe
 ) -> list[list[str]]:
     """The sub-command argument lists ``deepspec run`` executes, in order."""
+    from deepspec.layout import RunLayout
+
     common = (["-c", recipe_path] if recipe_path else []) + [a for o in overrides for a in ("--set", o)]
-    checkpoint = f"{recipe.training.output_dir}/latest"
+    checkpoint = RunLayout.from_recipe(recipe).checkpoint()
     commands = []
     for stage in STAGES:
         if stage not in stages:

@@ -24,9 +24,13 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "schema":
         print(json.dumps(recipe_json_schema(), indent=2))
     elif args.action == "show":
-        print(
-            yaml.safe_dump(load_recipe(args.config, args.overrides).model_dump(mode="json"), sort_keys=False)
-        )
+        from deepspec.layout import RunLayout
+
+        recipe = load_recipe(args.config, args.overrides)
+        print(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False), end="")
+        print("# where this run's artefacts go (storage.root applied):")
+        for name, uri in RunLayout.from_recipe(recipe).all_outputs().items():
+            print(f"#   {name:<12} {uri}")
     else:
         for f in args.files or ([args.config] if args.config else []):
             load_recipe(f, args.overrides)

@@ -74,3 +74,10 @@ def test_atomic_writes_replace_whole_files(tmp_path):
     atomic_write_text(p, "x")
     assert p.read_text() == "x"
     assert [q.name for q in p.parent.iterdir()] == ["f.json"]  # no temp files left behind
+
+
+def test_a_target_model_on_s3_is_refused_when_the_recipe_is_validated():
+    from deepspec.config import RecipeError
+
+    with pytest.raises(RecipeError, match=r"target\.model.*s3:// is not supported"):
+        load_recipe(None, ["target.model=s3://models/qwen3"])
