@@ -92,9 +92,9 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench/results/regen_latency.json"))
     a = p.parse_args()
 
-    from deepspec.regenerate.runner import _install_uvloop
+    from deepspec.regenerate.send import install_uvloop
 
-    _install_uvloop()
+    install_uvloop()
     rows = []
     for c in a.concurrency:
         proc, port = start_stub(a.latency_ms, a.stub_workers)

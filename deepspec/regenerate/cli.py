@@ -60,7 +60,7 @@ def _embedded_server(target: Any) -> AbstractContextManager[str]:
     try:
         from deepspec.serve import embedded_server  # type: ignore[attr-defined]
     except ImportError as e:
-        from deepspec.regenerate.runner import RegenerationError
+        from deepspec.regenerate.job import RegenerationError
 
         raise RegenerationError(
             "no endpoint given (--endpoint or regeneration.endpoints) and the embedded server is not "
@@ -70,7 +70,7 @@ def _embedded_server(target: Any) -> AbstractContextManager[str]:
 
 
 def _workers(value: str, concurrency: int, endpoints: int) -> int:
-    from deepspec.regenerate.runner import RegenerationError
+    from deepspec.regenerate.job import RegenerationError
     from deepspec.regenerate.workers import auto_workers
 
     if value == "auto":
@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from deepspec.config import load_recipe
-    from deepspec.regenerate.runner import RegenerationError, RegenerationJob, regenerate
+    from deepspec.regenerate.job import RegenerationError, RegenerationJob
+    from deepspec.regenerate.runner import regenerate
     from deepspec.regenerate.shards import (
         ShardError,
         merge_shards,

@@ -18,126 +18,25 @@ Output line (one per input record, in input order)::
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import sys
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from deepspec.config import RegenerationConfig
-from deepspec.data.conversations import BadRecord, Conversation, Format, read_conversations
-from deepspec.regenerate.endpoints import EndpointPool, NoHealthyEndpoint
+from deepspec.data.conversations import BadRecord
+from deepspec.data.template import template_kwargs
+from deepspec.regenerate import workers
+from deepspec.regenerate.endpoints import EndpointPool
+from deepspec.regenerate.job import RegenerationError, RegenerationJob, file_sha256, load_items
 from deepspec.regenerate.journal import JournalMismatch, JournalWriter, check_fingerprint, load_journal
-from deepspec.regenerate.plan import generation_points, history_message, is_dropped
-from deepspec.regenerate.shards import OutputPaths, Shard, ShardError, write_jsonl_atomic
+from deepspec.regenerate.send import install_uvloop, open_pool, send_records
+from deepspec.regenerate.shards import ShardError, write_jsonl_atomic
 from deepspec.regenerate.summary import account, invariant_line, write_json_atomic
+
+__all__ = ["RegenerationError", "RegenerationJob", "regenerate"]
 
 log = logging.getLogger("deepspec.regenerate")
 PROGRESS_INTERVAL_S = 0.25
-
-
-class RegenerationError(RuntimeError):
-    """A run cannot start or finish; the message says what to do."""
-
-
-@dataclass
-class RegenerationJob:
-    """Everything one run needs (the CLI builds it from the recipe and the flags)."""
-
-    input_path: str
-    output_path: str
-    endpoints: list[str]
-    settings: RegenerationConfig = field(default_factory=RegenerationConfig)
-    model: str | None = None  # served model name; None = the first id of /v1/models
-    revision: str | None = None
-    data_format: Format = "auto"
-    limit: int | None = None
-    shard: Shard | None = None
-    restart: bool = False
-    progress: bool = True
-    max_prompt_chars: int | None = None  # longer prompts are skipped (the CLI uses 16 x data.max_length)
-    workers: int = 1  # client processes (see deepspec.regenerate.workers); 1 = this process only
-
-
-# --------------------------------------------------------------------------------------------------
-# Input
-# --------------------------------------------------------------------------------------------------
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_input(path: str, fmt: Format, limit: int | None) -> list[Conversation | BadRecord]:
-    """All input records (bad ones included), up to ``limit``."""
-    if "://" in path:
-        raise RegenerationError(f"input {path}: only local files are supported by regenerate for now")
-    if not Path(path).is_file():
-        raise RegenerationError(f"input file not found: {path} (set data.path or pass --input)")
-    items: list[Conversation | BadRecord] = []
-    for item in read_conversations(path, fmt):
-        if limit is not None and len(items) >= limit:
-            break
-        items.append(item)
-    return items
-
-
-def oversized(conv: Conversation, max_chars: int | None) -> BadRecord | None:
-    """A conversation whose kept text is too long to be a useful training record."""
-    if max_chars is None:
-        return None
-    n = sum(len(str(m.get("content") or "")) for m in conv.messages if m.get("role") != "assistant")
-    if n <= max_chars:
-        return None
-    return BadRecord(
-        conv.line,
-        f"record {conv.id!r}: prompt text is {n:,} characters, more than {max_chars:,} "
-        "(16 x data.max_length); raise data.max_length or remove the record",
-    )
-
-
-# --------------------------------------------------------------------------------------------------
-# Requests
-# --------------------------------------------------------------------------------------------------
-
-
-def sampling_params(s: RegenerationConfig, index: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(standard OpenAI parameters, extra_body) for the record at ``index``."""
-    sp = s.sampling
-    params: dict[str, Any] = {"temperature": sp.temperature, "top_p": sp.top_p, "max_tokens": sp.max_tokens}
-    if sp.seed is not None:
-        params["seed"] = sp.seed + index
-    extra: dict[str, Any] = {}
-    if sp.top_k is not None:
-        extra["top_k"] = sp.top_k
-    if sp.min_p is not None:
-        extra["min_p"] = sp.min_p
-    kwargs = template_kwargs(s)
-    if kwargs:
-        extra["chat_template_kwargs"] = kwargs
-    return params, extra
-
-
-def template_kwargs(s: RegenerationConfig) -> dict[str, Any]:
-    kwargs = dict(s.chat_template_kwargs)
-    if s.thinking is not None:
-        kwargs["enable_thinking"] = s.thinking
-    return kwargs
-
-
-def provenance(s: RegenerationConfig, model: str, revision: str | None) -> dict[str, Any]:
-    return {
-        "model": model,
-        "revision": revision,
-        "sampling": s.sampling.model_dump(),
-        "chat_template_kwargs": template_kwargs(s),
-    }
 
 
 def skipped_record(index: int, bad: BadRecord) -> dict[str, Any]:
@@ -149,71 +48,6 @@ def skipped_record(index: int, bad: BadRecord) -> dict[str, Any]:
         "train": False,
         "messages": [],
         "error": bad.reason,
-    }
-
-
-async def regenerate_conversation(
-    conv: Conversation,
-    index: int,
-    pool: EndpointPool,
-    s: RegenerationConfig,
-    model: str,
-    prov: dict[str, Any],
-) -> dict[str, Any]:
-    """Regenerate every assistant turn of one conversation, turn after turn, with regenerated history."""
-    params, extra = sampling_params(s, index)
-    points = set(generation_points(conv.messages))
-    history: list[dict[str, Any]] = []
-    out: list[dict[str, Any]] = []
-    finish: list[str | None] = []
-    endpoints: list[str] = []
-    usage = {"prompt_tokens": 0, "completion_tokens": 0}
-    retries = 0
-    error: str | None = None
-    turn = 0
-    for j, m in enumerate(conv.messages):
-        if is_dropped(m):
-            continue
-        history.append(history_message(m))
-        out.append(m)
-        if j not in points:
-            continue
-        turn += 1
-        c = await pool.complete(
-            history, key=f"{conv.id}#{turn}", model=model, params=params, extra_body=extra
-        )
-        retries += c.retries
-        if c.error is not None or c.message is None:
-            error = f"turn {turn}: {c.error}"
-            break
-        usage["prompt_tokens"] += c.prompt_tokens
-        usage["completion_tokens"] += c.completion_tokens
-        finish.append(c.finish_reason)
-        if c.endpoint and c.endpoint not in endpoints:
-            endpoints.append(c.endpoint)
-        out.append(c.message)
-        history.append(history_message(c.message))
-    if error is not None:
-        status = "error"
-    elif "length" in finish:
-        status = "truncated"
-    else:
-        status = "ok"
-    train = status == "ok" or (status == "truncated" and s.truncated == "keep")
-    return {
-        "id": conv.id,
-        "index": index,
-        "line": conv.line,
-        "status": status,
-        "train": train,
-        "messages": out,
-        "finish_reasons": finish,
-        "usage": usage,
-        "turns": turn,
-        "retries": retries,
-        "error": error,
-        "provenance": {**prov, "endpoints": endpoints},
-        "meta": conv.meta,
     }
 
 
@@ -287,100 +121,15 @@ def _fingerprint(job: RegenerationJob, input_sha: str, n_total: int) -> dict[str
     }
 
 
-def load_items(job: RegenerationJob) -> tuple[list[Conversation | BadRecord], list[int]]:
-    """All input records (over-long ones turned into bad records) and this shard's indices."""
-    items = read_input(job.input_path, job.data_format, job.limit)
-    for k, item in enumerate(items):
-        if isinstance(item, Conversation) and (bad := oversized(item, job.max_prompt_chars)):
-            items[k] = bad
-    mine = [k for k in range(len(items)) if job.shard is None or job.shard.takes(k)]
-    return items, mine
-
-
-async def open_pool(job: RegenerationJob, concurrency: int) -> tuple[EndpointPool, str]:
-    """Open and probe the endpoints; returns the pool and the model name to request."""
-    s = job.settings
-    pool = EndpointPool(
-        job.endpoints,
-        concurrency=concurrency,
-        api_key=s.api_key,
-        request_timeout_s=s.request_timeout_s,
-        max_retries=s.max_retries,
-        backoff_initial_s=s.backoff_initial_s,
-        backoff_max_s=s.backoff_max_s,
-    )
-    try:
-        await pool.start()
-    except NoHealthyEndpoint as e:
-        await pool.close()
-        raise RegenerationError(str(e)) from None
-    model = job.model or pool.served_model() or ""
-    if not model:
-        await pool.close()
-        raise RegenerationError("no model name: set target.served_model_name (the server lists no model)")
-    return pool, model
-
-
-class WorkSource(Protocol):
-    """Input indices handed out one at a time (``workers.WorkFromParent`` in a worker process)."""
-
-    async def take(self) -> int | None: ...
-
-
-async def send_records(
-    todo: list[int] | WorkSource,
-    items: list[Conversation | BadRecord],
-    pool: EndpointPool,
-    job: RegenerationJob,
-    model: str,
-    on_record: Any,
-) -> None:
-    """Regenerate the conversations at ``todo`` with up to the pool's concurrency in flight.
-
-    ``todo`` is a list of input indices, or a :class:`WorkSource` (a worker process gets its records
-    from the parent that way).
-    ``on_record(record)`` is called as each one finishes (it journals it).
-    """
-    prov = provenance(job.settings, model, job.revision)
-    if isinstance(todo, list):
-        it = iter(todo)
-        lanes = min(len(todo), pool.total_concurrency)
-
-        async def take() -> int | None:
-            return next(it, None)  # lanes share one iterator: each index is taken once
-    else:
-        take, lanes = todo.take, pool.total_concurrency
-
-    async def lane() -> None:
-        while (k := await take()) is not None:
-            conv = items[k]
-            assert isinstance(conv, Conversation)
-            on_record(await regenerate_conversation(conv, k, pool, job.settings, model, prov))
-
-    await asyncio.gather(*(lane() for _ in range(lanes)))
-
-
-def _install_uvloop() -> None:
-    """Use uvloop's event loop when it is installed (less CPU per request)."""
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 def regenerate(job: RegenerationJob) -> dict[str, Any]:
     """Run (or resume) a regeneration; returns the summary (also written beside the output)."""
-    _install_uvloop()
+    install_uvloop()
     return asyncio.run(_regenerate(job))
 
 
 async def _regenerate(job: RegenerationJob) -> dict[str, Any]:
-    from deepspec.regenerate import workers
-
     t0 = time.perf_counter()
-    base = OutputPaths(Path(job.output_path))
-    paths = base.shard(job.shard) if job.shard else base
+    paths = job.paths
     paths.output.parent.mkdir(parents=True, exist_ok=True)
 
     items, mine = load_items(job)

@@ -46,7 +46,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deepspec.regenerate.job import RegenerationError, RegenerationJob, load_items
 from deepspec.regenerate.journal import JournalMismatch, JournalWriter, check_fingerprint, load_journal
+from deepspec.regenerate.send import install_uvloop, open_pool, send_records
 from deepspec.regenerate.shards import OutputPaths
 
 log = logging.getLogger("deepspec.regenerate")
@@ -76,7 +78,7 @@ def auto_workers(concurrency: int, endpoints: int, cpus: int | None = None) -> i
     return max(1, min(cpus, -(-concurrency * max(1, endpoints) // AUTO_CONNECTIONS_PER_WORKER)))
 
 
-def effective_workers(job: Any, todo: int) -> int:
+def effective_workers(job: RegenerationJob, todo: int) -> int:
     """Workers actually started: never more than the records to send or the concurrency."""
     return max(1, min(job.workers, todo, job.settings.concurrency))
 
@@ -181,8 +183,6 @@ def fold(
     writer: JournalWriter,
 ) -> int:
     """Move the records of every worker journal into the run's journal; returns how many were new."""
-    from deepspec.regenerate.runner import RegenerationError
-
     journals = worker_journals(paths)
     added = 0
     for path in journals:
@@ -209,21 +209,10 @@ def fold(
     return added
 
 
-def _worker_spec(job: Any, w: int, n: int, fingerprint: dict[str, Any]) -> str:
+def _worker_spec(job: RegenerationJob, w: int, n: int, fingerprint: dict[str, Any]) -> str:
     return json.dumps(
         {
-            "job": {
-                "input_path": job.input_path,
-                "output_path": job.output_path,
-                "endpoints": list(job.endpoints),
-                "settings": job.settings.model_dump(mode="json"),
-                "model": job.model,
-                "revision": job.revision,
-                "data_format": job.data_format,
-                "limit": job.limit,
-                "shard": str(job.shard) if job.shard else None,
-                "max_prompt_chars": job.max_prompt_chars,
-            },
+            "job": job.to_json(),
             "worker": w,
             "workers": n,
             "concurrency": concurrency_share(job.settings.concurrency, w, n),
@@ -239,7 +228,7 @@ def chunk_size(left: int, workers: int, cap: int) -> int:
 
 
 async def run_workers(
-    job: Any,
+    job: RegenerationJob,
     paths: OutputPaths,
     fingerprint: dict[str, Any],
     todo: list[int],
@@ -252,8 +241,6 @@ async def run_workers(
     A worker that fails (or is killed) does not stop the others; afterwards the run fails with a
     message saying to re-run, which resumes from the journals.
     """
-    from deepspec.regenerate.runner import RegenerationError
-
     for w in range(n):  # left by a run that died before folding: fold() already took them
         worker_journal(paths, w, n).unlink(missing_ok=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -434,31 +421,12 @@ class WorkFromParent:
 
 
 async def _work(spec: dict[str, Any]) -> None:
-    from deepspec.config import RegenerationConfig
-    from deepspec.regenerate.runner import RegenerationJob, load_items, open_pool, send_records
-    from deepspec.regenerate.shards import parse_shard
-
-    j = spec["job"]
-    job = RegenerationJob(
-        input_path=j["input_path"],
-        output_path=j["output_path"],
-        endpoints=j["endpoints"],
-        settings=RegenerationConfig.model_validate(j["settings"]),
-        model=j["model"],
-        revision=j["revision"],
-        data_format=j["data_format"],
-        limit=j["limit"],
-        shard=parse_shard(j["shard"]) if j["shard"] else None,
-        progress=False,
-        max_prompt_chars=j["max_prompt_chars"],
-    )
+    job = RegenerationJob.from_json(spec["job"])
     w, n = spec["worker"], spec["workers"]
     watchdog = asyncio.ensure_future(_watch_parent(spec["parent"]))
-    base = OutputPaths(Path(job.output_path))
-    paths = base.shard(job.shard) if job.shard else base
     items, _ = load_items(job)
     writer = JournalWriter(
-        worker_journal(paths, w, n),
+        worker_journal(job.paths, w, n),
         spec["fingerprint"],
         lock=True,
         extra={"worker": f"{w}/{n}", "pid": os.getpid()},
@@ -494,12 +462,10 @@ async def _work(spec: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deepspec.regenerate.runner import RegenerationError, _install_uvloop
-
     spec = json.loads((argv if argv is not None else sys.argv[1:])[0])
     _die_with_parent(spec["parent"])
     logging.basicConfig(level=logging.WARNING, format=f"%(levelname)s worker {spec['worker']}: %(message)s")
-    _install_uvloop()
+    install_uvloop()
     try:
         asyncio.run(_work(spec))
     except RegenerationError as e:

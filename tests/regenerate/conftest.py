@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from deepspec.config import RegenerationConfig
-from deepspec.regenerate.runner import RegenerationJob, regenerate
+from deepspec.regenerate.job import RegenerationJob
+from deepspec.regenerate.runner import regenerate
 from deepspec.testing.stub_server import StubConfig, StubServer
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from deepspec.regenerate.job import RegenerationError
 from deepspec.regenerate.journal import load_journal
-from deepspec.regenerate.runner import RegenerationError
 
 from .conftest import prompts, read_jsonl, regenerate_cmd, regenerate_env, run_job, settings, write_records
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from deepspec.regenerate.endpoints import EndpointPool
-from deepspec.regenerate.runner import RegenerationError
+from deepspec.regenerate.job import RegenerationError
 
 from .conftest import prompts, read_jsonl, run_job, settings, write_records
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from deepspec.regenerate.job import RegenerationError
 from deepspec.regenerate.journal import JournalWriter, load_journal
-from deepspec.regenerate.runner import RegenerationError
 from deepspec.regenerate.shards import OutputPaths, Shard
 from deepspec.regenerate.workers import auto_workers, chunk_size, concurrency_share, fold, worker_journals
 
