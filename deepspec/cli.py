@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 
 # sub-command -> module implementing it
 COMMANDS: dict[str, str] = {
@@ -27,7 +28,34 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def _unavailable(name: str, module_name: str, error: BaseException) -> Callable[[argparse.Namespace], int]:
+    """The ``run`` of a sub-command whose module failed to import: says why, exits 2."""
+    missing = error.name if isinstance(error, ModuleNotFoundError) else None
+    if missing and missing.partition(".")[0] != "deepspec":
+        fix = (
+            f"the package {missing!r} is not installed: install the extra this stage needs "
+            "(pip install 'deepspec[train]', '[serve]' or '[operator]')"
+        )
+    else:
+        fix = "this is a bug or a broken installation: reinstall deepspec, or report it with the traceback"
+    cause = "".join(traceback.format_exception_only(type(error), error)).strip()
+
+    def run(args: argparse.Namespace) -> int:
+        print(
+            f"error: `deepspec {name}` cannot run: importing {module_name} failed:\n  {cause}\n{fix}",
+            file=sys.stderr,
+        )
+        return 2
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of every sub-command.
+
+    A sub-command whose module fails to import (a missing optional dependency, or a bug) is still
+    listed, marked unavailable with the cause; running it prints the cause and exits 2.
+    """
     from deepspec import __version__
 
     parser = argparse.ArgumentParser(
@@ -40,10 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module_name in COMMANDS.items():
         try:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:  # a stage whose optional extra is not installed
-            if e.name and e.name.startswith("deepspec"):
-                continue
-            sub.add_parser(name, help=f"(unavailable: missing dependency {e.name})")
+        except Exception as e:
+            # No option prefix: every argument (even -h) is taken as-is, so that the command
+            # reaches its run() and reports the cause instead of an argument error.
+            p = sub.add_parser(name, help=f"(unavailable: {type(e).__name__}: {e})", prefix_chars="\0")
+            p.add_argument("ignored", nargs="*")
+            p.set_defaults(_run=_unavailable(name, module_name, e))
             continue
         p = sub.add_parser(name, help=module.HELP, description=getattr(module, "DESCRIPTION", module.HELP))
         module.add_arguments(p)
