@@ -2,8 +2,10 @@
 
 :func:`build_registry` returns a registry with
 
-* a startup handler (API client from the service account / kubeconfig unless one is in ``memo``,
-  standalone mode, /metrics server),
+* a login handler: kopf's watches use the credentials of :func:`deepspec.operator.kube.load_configuration`
+  (service account, else kubeconfig), re-read whenever the API server answers 401 (rotated token),
+* a startup handler (API client over the same loader unless one is in ``memo``, standalone mode,
+  /metrics server),
 * a timer per ``DraftTraining`` (level-based reconcile every ``interval`` seconds),
 * an event handler that keeps the metrics' status store current (no finalizer needed).
 """
@@ -14,7 +16,7 @@ from typing import Any
 
 import kopf
 
-from deepspec.operator.kube import KubeApi, KubeError
+from deepspec.operator.kube import KubeApi, KubeError, connection_info, load_configuration
 from deepspec.operator.metrics import OperatorMetrics
 from deepspec.operator.reconcile import apply_outcome, reconcile
 from deepspec.operator.spec import GROUP, PLURAL, VERSION
@@ -27,6 +29,11 @@ def build_registry(
 ) -> kopf.OperatorRegistry:
     """All handlers of the operator in a fresh registry (tests use a short interval)."""
     registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    async def login(**_: Any) -> kopf.ConnectionInfo:
+        # kopf calls this again after any 401, so a rotated token file is read again at once
+        return await connection_info(await load_configuration())
 
     @kopf.on.startup(registry=registry)
     async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:

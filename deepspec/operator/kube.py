@@ -1,18 +1,42 @@
-"""A small async Kubernetes REST client (aiohttp) for the reconciler.
+"""The operator's Kubernetes API access, over the maintained ``kubernetes_asyncio`` client.
 
-Only what the operator needs: get / create (409 = already there) / merge-patch / list / discovery /
-events. Credentials come from the in-cluster service account or a kubeconfig (through the
-``kubernetes`` package's loaders), or are given directly (tests point it at kmock).
+Credentials are never handled by hand: :func:`load_configuration` runs ``kubernetes_asyncio``'s own
+loaders (in-cluster service account, else the kubeconfig of ``$KUBECONFIG`` / ``~/.kube/config``:
+token, token file, client certificate, exec plugins). The same loader feeds
+
+* :class:`KubeApi`, the small object-level facade the reconciler uses (get / create / merge-patch /
+  list / delete / discovery / Events as plain dicts, through ``ApiClient.call_api`` so the client's
+  auth settings and its ``refresh_api_key_hook`` apply to every request), and
+* :func:`connection_info`, which kopf's ``@kopf.on.login`` handler returns, so kopf's own watches use
+  identical credentials.
+
+Rotated tokens: the in-cluster loader re-reads the projected token file once a minute by itself
+(``refresh_api_key_hook``); on top of that a 401 answer makes :class:`KubeApi` reload the credentials
+and retry once, and kopf re-runs the login handler on a 401, so a rotated token is used at once
+without a restart.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import ssl
+import json
+import os
 import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
-import aiohttp
+from kubernetes_asyncio.client import ApiClient, Configuration
+from kubernetes_asyncio.config import ConfigException, load_kube_config
+from kubernetes_asyncio.config.incluster_config import (
+    SERVICE_CERT_FILENAME,
+    SERVICE_HOST_ENV_NAME,
+    InClusterConfigLoader,
+)
+
+#: Overrides the directory of the service-account token and CA (default: the kubelet's mount).
+SERVICE_ACCOUNT_DIR_ENV = "DEEPSPEC_SERVICE_ACCOUNT_DIR"
+USER_AGENT = "deepspec-operator"
 
 PLURALS: dict[str, str] = {
     "PersistentVolumeClaim": "persistentvolumeclaims",
@@ -30,11 +54,13 @@ PLURALS: dict[str, str] = {
 
 
 class KubeError(RuntimeError):
-    """A non-2xx answer; ``status`` is the HTTP code."""
+    """A non-2xx answer; ``status`` is the HTTP code, ``reason`` the Status reason when given."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, reason: str = "") -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
+        self.reason = reason
+        self.detail = message
 
 
 def path_of(api_version: str, plural: str, namespace: str | None = None, name: str | None = None) -> str:
@@ -45,64 +71,133 @@ def path_of(api_version: str, plural: str, namespace: str | None = None, name: s
     return f"{base}/{name}" if name else base
 
 
+async def load_configuration() -> Configuration:
+    """Credentials from the environment: the pod's service account, else the kubeconfig.
+
+    In a pod (``KUBERNETES_SERVICE_HOST`` set) the token and CA come from the service-account mount
+    (``$DEEPSPEC_SERVICE_ACCOUNT_DIR`` overrides its directory); elsewhere the kubeconfig's current
+    context. Raises :class:`ConfigException` naming both sources when neither is usable.
+    """
+    cfg = Configuration()
+    if os.environ.get(SERVICE_HOST_ENV_NAME):
+        sa_dir = Path(os.environ.get(SERVICE_ACCOUNT_DIR_ENV) or Path(SERVICE_CERT_FILENAME).parent)
+        InClusterConfigLoader(
+            token_filename=str(sa_dir / "token"), cert_filename=str(sa_dir / "ca.crt")
+        ).load_and_set(cfg)
+        return cfg
+    kubeconfig = os.environ.get("KUBECONFIG") or str(Path.home() / ".kube/config")
+    try:
+        await load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    except (ConfigException, FileNotFoundError, OSError) as e:
+        raise ConfigException(
+            f"no Kubernetes credentials: not in a pod ({SERVICE_HOST_ENV_NAME} unset) and kubeconfig "
+            f"{kubeconfig} is not usable ({e}); set KUBECONFIG or run in-cluster"
+        ) from e
+    return cfg
+
+
+async def connection_info(cfg: Configuration, expiration_s: float | None = None) -> Any:
+    """kopf's ``ConnectionInfo`` for the credentials of ``cfg`` (what ``@kopf.on.login`` returns)."""
+    import kopf
+
+    header = await cfg.get_api_key_with_prefix("BearerToken") or ""
+    scheme, _, token = header.strip().partition(" ")
+    expiration = (
+        dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=expiration_s) if expiration_s else None
+    )
+    return kopf.ConnectionInfo(
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        scheme=(scheme or None) if token else None,
+        token=token or None,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
+        expiration=expiration,
+    )
+
+
+def static_configuration(server: str, token: str | None = None, insecure: bool = True) -> Configuration:
+    """A configuration for a known server (tests point it at the mock API)."""
+    cfg = Configuration(host=server.rstrip("/"))
+    cfg.verify_ssl = not insecure
+    if token:
+        cfg.api_key["BearerToken"] = f"Bearer {token}"
+    return cfg
+
+
 class KubeApi:
-    """Async REST calls against one API server."""
+    """Plain-dict object calls over one ``kubernetes_asyncio`` ``ApiClient``."""
 
     def __init__(
         self,
-        server: str,
-        token: str | None = None,
-        ca_file: str | None = None,
-        insecure: bool = False,
-        cert: tuple[str, str] | None = None,
-        user_agent: str = "deepspec-operator",
+        load: Callable[[], Awaitable[Configuration]] = load_configuration,
+        user_agent: str = USER_AGENT,
     ) -> None:
-        self.server = server.rstrip("/")
-        self._headers = {"User-Agent": user_agent}
-        if token:
-            self._headers["Authorization"] = f"Bearer {token}"
-        self._ssl: ssl.SSLContext | bool = not insecure
-        if ca_file or cert:
-            ctx = ssl.create_default_context(cafile=ca_file)
-            if cert:
-                ctx.load_cert_chain(*cert)
-            self._ssl = ctx
-        self._session: aiohttp.ClientSession | None = None
+        self._load = load
+        self._user_agent = user_agent
+        self._client: ApiClient | None = None
         self._served: dict[str, bool] = {}
 
     @classmethod
     def from_environment(cls) -> KubeApi:
-        """In-cluster service account, else ``~/.kube/config`` (current context)."""
-        from kubernetes import client, config
+        """Service account in a pod, else the kubeconfig (loaded lazily, reloaded on 401)."""
+        return cls(load_configuration)
 
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        c = client.Configuration.get_default_copy()
-        token = (c.api_key or {}).get("authorization", "").removeprefix("Bearer ").strip() or None
-        cert = (c.cert_file, c.key_file) if c.cert_file and c.key_file else None
-        return cls(c.host, token=token, ca_file=c.ssl_ca_cert, insecure=not c.verify_ssl, cert=cert)
+    @classmethod
+    def for_server(cls, server: str, token: str | None = None, user_agent: str = USER_AGENT) -> KubeApi:
+        async def load() -> Configuration:
+            return static_configuration(server, token)
 
-    async def _request(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers=self._headers)
-        async with self._session.request(method, self.server + path, ssl=self._ssl, **kw) as resp:
+        return cls(load, user_agent)
+
+    async def _api_client(self, reload: bool = False) -> ApiClient:
+        if reload and self._client is not None:
+            await self._client.close()
+            self._client = None
+        if self._client is None:
+            self._client = ApiClient(await self._load())
+            self._client.user_agent = self._user_agent
+        return self._client
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, Any]:
+        for attempt in range(2):
+            client = await self._api_client(reload=attempt > 0)
+            resp = await client.call_api(
+                path, method,
+                query_params=list((query or {}).items()) or None,
+                header_params={"Content-Type": content_type, "Accept": "application/json"},
+                body=body, auth_settings=["BearerToken"], _preload_content=False,
+            )  # fmt: skip
+            raw = await resp.read()
+            status = resp.status
+            if status == 401 and attempt == 0:
+                continue  # a rotated token: reload the credentials and retry once
             try:
-                data = await resp.json(content_type=None)
+                data = json.loads(raw) if raw else None
             except ValueError:
-                data = None
-            return resp.status, data
+                data = raw.decode(errors="replace")
+            return status, data
+        raise AssertionError("unreachable")
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     @staticmethod
     def _check(status: int, data: Any, what: str) -> Any:
         if status >= 300:
             msg = data.get("message") if isinstance(data, dict) else data
-            raise KubeError(status, f"{what}: {msg}")
+            reason = data.get("reason", "") if isinstance(data, dict) else ""
+            raise KubeError(status, f"{what}: {msg}", reason or "")
         return data
 
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -116,7 +211,7 @@ class KubeApi:
         """Create; an existing object (409) is fetched and returned with ``created=False``."""
         meta = obj["metadata"]
         kind, ns = obj["kind"], meta.get("namespace")
-        status, data = await self._request("POST", path_of(obj["apiVersion"], PLURALS[kind], ns), json=obj)
+        status, data = await self._request("POST", path_of(obj["apiVersion"], PLURALS[kind], ns), body=obj)
         if status == 409:
             existing = await self.get(obj["apiVersion"], kind, ns, meta["name"])
             return existing or obj, False
@@ -135,18 +230,30 @@ class KubeApi:
         path = path_of(api_version, PLURALS[kind], namespace, name) + (
             f"/{subresource}" if subresource else ""
         )
-        headers = {"Content-Type": "application/merge-patch+json"}
-        status, data = await self._request("PATCH", path, json=patch, headers=headers)
+        status, data = await self._request(
+            "PATCH", path, body=patch, content_type="application/merge-patch+json"
+        )
         return self._check(status, data, f"patch {kind} {namespace}/{name}")
+
+    async def delete(self, api_version: str, kind: str, namespace: str, name: str) -> bool:
+        """Delete with background propagation (the pods go too); False when already gone."""
+        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        status, data = await self._request(
+            "DELETE", path_of(api_version, PLURALS[kind], namespace, name), body=body
+        )
+        if status == 404:
+            return False
+        self._check(status, data, f"delete {kind} {namespace}/{name}")
+        return True
 
     async def list(
         self, api_version: str, kind: str, namespace: str, labels: dict[str, str] | None = None
     ) -> list[dict[str, Any]]:
         """Objects matching every label (filtered again client-side: some servers ignore selectors)."""
-        params = {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} if labels else None
-        status, data = await self._request(
-            "GET", path_of(api_version, PLURALS[kind], namespace), params=params
-        )
+        query = {"labelSelector": ",".join(f"{k}={v}" for k, v in labels.items())} if labels else None
+        status, data = await self._request("GET", path_of(api_version, PLURALS[kind], namespace), query=query)
+        if status == 404:
+            return []  # the kind is not served
         items = self._check(status, data, f"list {kind} in {namespace}").get("items", [])
         want = labels or {}
         return [
@@ -159,7 +266,8 @@ class KubeApi:
         """API discovery: does the server serve this kind (cached per process)?"""
         key = f"{api_version}/{kind}"
         if key not in self._served:
-            status, data = await self._request("GET", f"/apis/{api_version}")
+            prefix = "/api" if "/" not in api_version else "/apis"
+            status, data = await self._request("GET", f"{prefix}/{api_version}")
             names = {r.get("name") for r in (data or {}).get("resources", [])} if status == 200 else set()
             self._served[key] = PLURALS[kind] in names
         return self._served[key]
@@ -183,10 +291,11 @@ class KubeApi:
             "reason": reason,
             "message": message[:1024],
             "source": {"component": "deepspec-operator"},
+            "reportingComponent": "deepspec.io/operator",
             "firstTimestamp": now,
             "lastTimestamp": now,
             "count": 1,
         }
-        status, data = await self._request("POST", path_of("v1", "events", meta["namespace"]), json=event)
+        status, data = await self._request("POST", path_of("v1", "events", meta["namespace"]), body=event)
         if status >= 300 and status != 409:
             raise KubeError(status, f"create Event: {data}")

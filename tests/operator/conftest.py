@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from operator_harness import NS, Cluster, load_example
+from operator_harness import NS, Cluster, load_example, write_kubeconfig
 
 
 @pytest.fixture
@@ -20,8 +20,13 @@ def example() -> dict[str, Any]:
 
 
 @pytest_asyncio.fixture
-async def cluster(kmock: Any) -> AsyncIterator[Cluster]:
-    """kmock serving the kinds the operator uses, with a (not yet started) operator."""
+async def cluster(kmock: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Cluster]:
+    """kmock serving the kinds the operator uses, with a (not yet started) operator.
+
+    The operator finds the mock API through a kubeconfig, as it would outside a cluster.
+    """
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "kubeconfig", str(kmock.url))))
     c = Cluster(kmock)
     c.declare()
     yield c

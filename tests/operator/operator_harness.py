@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from deepspec.operator.builders import Run
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMAS = REPO / "../shared/k8s-schemas"
@@ -22,6 +26,33 @@ def load_example(name: str) -> dict[str, Any]:
     return yaml.safe_load((REPO / "manifests/examples" / name).read_text())
 
 
+def write_kubeconfig(
+    path: Path,
+    server: str,
+    token: str | None = None,
+    ca: Path | None = None,
+    cert: Path | None = None,
+    key: Path | None = None,
+) -> Path:
+    """A one-context kubeconfig (the format ``kubectl config view`` prints)."""
+    user: dict[str, Any] = {}
+    if token:
+        user["token"] = token
+    if cert and key:
+        user["client-certificate"], user["client-key"] = str(cert), str(key)
+    cluster: dict[str, Any] = {"server": server}
+    if ca:
+        cluster["certificate-authority"] = str(ca)
+    config = {
+        "apiVersion": "v1", "kind": "Config", "current-context": "test", "preferences": {},
+        "clusters": [{"name": "test", "cluster": cluster}],
+        "users": [{"name": "operator", "user": user}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": "operator", "namespace": NS}}],
+    }  # fmt: skip
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 class Cluster:
     """kmock + a kopf operator that can be stopped and restarted; helpers to play the kubelet."""
 
@@ -29,7 +60,8 @@ class Cluster:
         from deepspec.operator.kube import KubeApi
 
         self.kmock = kmock
-        self.api = KubeApi(str(kmock.url).rstrip("/"), user_agent="deepspec-tests")  # plays kubelet & user
+        # plays kubelet, controllers & user
+        self.api = KubeApi.for_server(str(kmock.url), user_agent="deepspec-tests")
         self.task: asyncio.Task[None] | None = None
         self.stop_flag: asyncio.Event | None = None
         self.metrics: Any = None
@@ -67,15 +99,10 @@ class Cluster:
         from deepspec.operator.kube import KubeApi
         from deepspec.operator.metrics import OperatorMetrics
 
+        # credentials: the operator's own login handler reads $KUBECONFIG (set by the fixture)
         registry = build_registry(interval=0.1, metrics_port=None)
-        url = str(self.kmock.url)
-
-        @kopf.on.login(registry=registry)
-        def login(**_: Any) -> kopf.ConnectionInfo:
-            return kopf.ConnectionInfo(server=url, insecure=True)
-
         self.metrics = self.metrics or OperatorMetrics()
-        memo = kopf.Memo(api=KubeApi(url.rstrip("/")), metrics=self.metrics)
+        memo = kopf.Memo(api=KubeApi.from_environment(), metrics=self.metrics)
         settings = kopf.OperatorSettings()
         settings.watching.server_timeout = 10
         settings.scanning.disabled = True  # the namespace is given; no namespace/CRD scanning
@@ -182,3 +209,59 @@ def clusterrole_rules(values: dict[str, Any] | None = None) -> list[dict[str, An
 
 def allowed(rules: list[dict[str, Any]], verb: str, group: str, resource: str) -> bool:
     return any(group in r["apiGroups"] and resource in r["resources"] and verb in r["verbs"] for r in rules)
+
+
+SUMMARY = {
+    "v": 1, "algorithm": "dspark", "target_revision": "main", "checkpoint": "/data/x/draft/step_100",
+    "macro_accept_length": 3.1,
+    "benchmarks": {"gsm8k": {"tau": 3.2, "acceptance_ratio": 0.31, "n": 500}},
+}  # fmt: skip
+
+
+def creates(cluster: Cluster) -> Counter[tuple[str, str]]:
+    """(resource plural, object name) -> number of create requests, events excluded."""
+    out: Counter[tuple[str, str]] = Counter()
+    for r in list(cluster.kmock):
+        if r.method.value == "POST" and r.resource is not None and r.resource.plural != "events":
+            out[(r.resource.plural, (r.data or {}).get("metadata", {}).get("name"))] += 1
+    return out
+
+
+async def drive_to_success(
+    cluster: Cluster,
+    run: Run,
+    summary: dict[str, Any],
+    before_stage: Callable[[str], Awaitable[None]] | None = None,
+) -> None:
+    """Walk every stage of ``run`` while the operator reacts in the background.
+
+    ``before_stage(stage)`` runs once the stage's child exists, before it is marked finished.
+    """
+    server = run.child_name("server")
+    await cluster.wait_child("apps/v1", "Deployment", server)
+    await cluster.wait_child("v1", "Service", server)
+    await cluster.set_status("apps/v1", "Deployment", server, {"readyReplicas": 1, "replicas": 1})
+    for stage, kind, api_version in [
+        ("regenerate", "Job", "batch/v1"),
+        ("merge", "Job", "batch/v1"),
+        ("train", "PyTorchJob", "kubeflow.org/v1"),
+        ("evaluate", "Job", "batch/v1"),
+        ("export", "Job", "batch/v1"),
+    ]:
+        name = run.child_name(stage)
+        await cluster.wait_child(api_version, kind, name)
+        if before_stage is not None:
+            await before_stage(stage)
+        if stage == "evaluate":
+            await cluster.add_eval_pod(name, summary)
+        await cluster.finish_job(name, kind=kind, api_version=api_version)
+        if stage == "regenerate":
+            dep = await cluster.wait(
+                lambda: _scaled_to_zero(cluster, server), "server scaled to zero after regeneration"
+            )
+            assert dep["spec"]["replicas"] == 0
+
+
+async def _scaled_to_zero(cluster: Cluster, name: str) -> dict[str, Any] | None:
+    dep = await cluster.api.get("apps/v1", "Deployment", NS, name)
+    return dep if dep and dep["spec"]["replicas"] == 0 else None

@@ -7,60 +7,23 @@ timer) must react. Waits poll the API for a condition with a deadline; nothing s
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import pytest
-from operator_harness import NS, Cluster, allowed, clusterrole_rules, operator_permissions
+from operator_harness import (
+    NS,
+    SUMMARY,
+    Cluster,
+    allowed,
+    clusterrole_rules,
+    creates,
+    drive_to_success,
+    operator_permissions,
+)
 
 from deepspec.operator.builders import Run
 
 pytestmark = pytest.mark.asyncio
-
-SUMMARY = {
-    "v": 1, "algorithm": "dspark", "target_revision": "main", "checkpoint": "/data/x/draft/step_100",
-    "macro_accept_length": 3.1,
-    "benchmarks": {"gsm8k": {"tau": 3.2, "acceptance_ratio": 0.31, "n": 500}},
-}  # fmt: skip
-
-
-def creates(cluster: Cluster) -> Counter[tuple[str, str]]:
-    """(resource plural, object name) -> number of create requests, events excluded."""
-    out: Counter[tuple[str, str]] = Counter()
-    for r in list(cluster.kmock):
-        if r.method.value == "POST" and r.resource is not None and r.resource.plural != "events":
-            out[(r.resource.plural, (r.data or {}).get("metadata", {}).get("name"))] += 1
-    return out
-
-
-async def drive_to_success(cluster: Cluster, run: Run, summary: dict[str, Any]) -> None:
-    """Walk every stage of ``run`` while the operator reacts in the background."""
-    server = run.child_name("server")
-    await cluster.wait_child("apps/v1", "Deployment", server)
-    await cluster.wait_child("v1", "Service", server)
-    await cluster.set_status("apps/v1", "Deployment", server, {"readyReplicas": 1, "replicas": 1})
-    for stage, kind, api_version in [
-        ("regenerate", "Job", "batch/v1"),
-        ("merge", "Job", "batch/v1"),
-        ("train", "PyTorchJob", "kubeflow.org/v1"),
-        ("evaluate", "Job", "batch/v1"),
-        ("export", "Job", "batch/v1"),
-    ]:
-        name = run.child_name(stage)
-        await cluster.wait_child(api_version, kind, name)
-        if stage == "evaluate":
-            await cluster.add_eval_pod(name, summary)
-        await cluster.finish_job(name, kind=kind, api_version=api_version)
-        if stage == "regenerate":
-            dep = await cluster.wait(
-                lambda: _scaled_to_zero(cluster, server), "server scaled to zero after regeneration"
-            )
-            assert dep["spec"]["replicas"] == 0
-
-
-async def _scaled_to_zero(cluster: Cluster, name: str) -> dict[str, Any] | None:
-    dep = await cluster.api.get("apps/v1", "Deployment", NS, name)
-    return dep if dep and dep["spec"]["replicas"] == 0 else None
 
 
 def cond(obj: dict[str, Any], type_: str) -> dict[str, Any]:
@@ -192,7 +155,7 @@ async def test_restart_mid_stage_creates_no_duplicate(cluster: Cluster, example:
 
     await cluster.api.create(example)
     run = Run.from_body(example, training_backend="pytorchjob")
-    first = KubeApi(str(cluster.kmock.url).rstrip("/"))
+    first = KubeApi.from_environment()
     assert (await tick(first))["status"]["phase"] == "StartingServer"
     await cluster.set_status("apps/v1", "Deployment", run.child_name("server"), {"readyReplicas": 1})
     assert (await tick(first))["status"]["phase"] == "Regenerating"
@@ -203,7 +166,7 @@ async def test_restart_mid_stage_creates_no_duplicate(cluster: Cluster, example:
     await first.close()
     before = creates(cluster)
 
-    second = KubeApi(str(cluster.kmock.url).rstrip("/"))  # the restarted operator
+    second = KubeApi.from_environment()  # the restarted operator
     mid = await tick(second, times=3)
     assert mid["status"]["phase"] == "Training"
     assert creates(cluster) == before  # nothing re-created
