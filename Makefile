@@ -31,6 +31,8 @@ demo: install
 
 test: install system-deps
 	$(VENV)/bin/ruff check .
+	# The architecture contracts in pyproject.toml ([tool.importlinter]): layers, a light operator, no circles.
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint: install
