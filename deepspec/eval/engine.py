@@ -13,21 +13,34 @@ One round, with committed tokens ``x_0..x_t`` whose target KV entries are cached
 
 The target's own decode (:meth:`SpeculativeEngine.generate_plain`) uses the same prefill and
 KV-cache path, one token per forward, so the speedup compares like with like.
+
+Two KV-cache paths (``EngineConfig.kv_cache``):
+
+* ``"static"`` (default): the decode core of :mod:`deepspec.decode`: a static cache whose rows
+  advance independently, verification and sampling on the device with per-row random streams, and
+  CUDA graphs for the fixed-size steps on a GPU. :meth:`SpeculativeEngine.generate_batch` runs ``B``
+  prompts in lockstep (one drafter per row, per-row acceptance); a row's tokens do not depend on
+  the rows beside it, so ``generate`` is ``generate_batch`` of one prompt.
+* ``"dynamic"``: the eager reference path (transformers' dynamic cache, cropped after each round,
+  one prompt at a time), kept to check the static path against.
 """
 
 from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from deepspec.decode.sampling import row_uniforms, sample_rows, verify_rows
 from deepspec.eval.metrics import AcceptanceStats
 from deepspec.eval.sampling import sample_token, verify
 
 if TYPE_CHECKING:
+    from deepspec.decode.core import DecodeCore
     from deepspec.eval.calibration import Calibration
     from deepspec.eval.scheduler import PrefixScheduler
     from deepspec.models.base import SpeculativeDrafter
@@ -44,6 +57,8 @@ class EngineConfig:
     stop_token_ids: tuple[int, ...] = ()
     confidence_threshold: float | None = None  # drop slots whose prefix survival falls below this
     record_rounds: bool = False  # keep per-round confidences/acceptance (calibration data)
+    kv_cache: Literal["static", "dynamic"] = "static"  # decode core, or the eager reference path
+    cuda_graphs: bool | None = None  # None = on CUDA; only with kv_cache="static"
 
 
 @dataclass
@@ -100,13 +115,18 @@ class SpeculativeEngine:
         config: EngineConfig | None = None,
         scheduler: PrefixScheduler | None = None,
         calibration: Calibration | None = None,
+        drafter_factory: Callable[[], SpeculativeDrafter] | None = None,
     ) -> None:
         self.target = target
         self.drafter = drafter
         self.config = config or EngineConfig()
+        if self.config.kv_cache not in ("static", "dynamic"):
+            raise ValueError(f"kv_cache must be 'static' or 'dynamic', got {self.config.kv_cache!r}")
         self.scheduler = scheduler
         self.calibration = calibration
+        self.drafter_factory = drafter_factory  # more drafters for batched decoding (one per row)
         self.device = target.lm_head.weight.device
+        self.core: DecodeCore | None = None
 
     # ------------------------------------------------------------------ helpers
     def _sync(self) -> None:
@@ -151,6 +171,185 @@ class SpeculativeEngine:
         self, prompt_ids: list[int] | torch.Tensor, generator: torch.Generator | None = None
     ) -> GenerationResult:
         """Speculative decode of one prompt."""
+        if self.config.kv_cache == "dynamic":
+            return self._generate_dynamic(prompt_ids, generator)
+        return self.generate_batch([prompt_ids], [generator])[0]
+
+    @torch.no_grad()
+    def generate_plain(
+        self, prompt_ids: list[int] | torch.Tensor, generator: torch.Generator | None = None
+    ) -> GenerationResult:
+        """Target-only decode, one token per forward, same prefill and KV-cache path (the baseline)."""
+        if self.config.kv_cache == "dynamic":
+            return self._generate_plain_dynamic(prompt_ids, generator)
+        return self.generate_plain_batch([prompt_ids], [generator])[0]
+
+    @torch.no_grad()
+    def generate_batch(
+        self,
+        prompts: Sequence[list[int] | torch.Tensor],
+        generators: Sequence[torch.Generator | None] | None = None,
+        drafters: Sequence[SpeculativeDrafter] | None = None,
+    ) -> list[GenerationResult]:
+        """Speculative decode of ``B`` prompts in lockstep (static cache; one drafter per row).
+
+        Drafters: ``drafters`` if given, else the engine's drafter for row 0 and
+        ``drafter_factory()`` for the others. Every row verifies ``num_proposals`` slots per round
+        (shorter proposals are padded and masked), so one step shape serves the whole run.
+        """
+        if self.drafter is None and drafters is None:
+            raise ValueError(
+                "SpeculativeEngine.generate needs a drafter; use generate_plain for the target alone"
+            )
+        if drafters is None:
+            if len(prompts) > 1 and self.drafter_factory is None:
+                raise ValueError(
+                    f"batched decoding of {len(prompts)} prompts needs one drafter per row: "
+                    "pass drafters=[...] or build the engine with drafter_factory"
+                )
+            drafters = [self.drafter, *(self.drafter_factory() for _ in range(len(prompts) - 1))]
+        if len(drafters) != len(prompts):
+            raise ValueError(f"{len(drafters)} drafters for {len(prompts)} prompts")
+        return self._lockstep(prompts, generators, list(drafters))
+
+    @torch.no_grad()
+    def generate_plain_batch(
+        self,
+        prompts: Sequence[list[int] | torch.Tensor],
+        generators: Sequence[torch.Generator | None] | None = None,
+    ) -> list[GenerationResult]:
+        """Target-only decode of ``B`` prompts in lockstep on the same core (the batched baseline)."""
+        return self._lockstep(prompts, generators, None)
+
+    # ------------------------------------------------------------------ static path
+    def _core(self, rows: int, max_len: int) -> DecodeCore:
+        """The decode core, grown (never shrunk) to ``rows`` x ``max_len``; graphs are kept while it fits."""
+        from deepspec.decode.core import DecodeCore
+
+        if self.core is None or not self.core.fits(rows, max_len):
+            old = self.core
+            rows = max(rows, old.rows if old else 0)
+            max_len = max(-(-max_len // 256) * 256, old.max_len if old else 0)
+            self.core = None  # free the old cache first
+            del old
+            self.core = DecodeCore(self.target, rows, max_len, cuda_graphs=self.config.cuda_graphs)
+        return self.core
+
+    def _lockstep(
+        self,
+        prompt_list: Sequence[list[int] | torch.Tensor],
+        generators: Sequence[torch.Generator | None] | None,
+        drafters: list[SpeculativeDrafter] | None,
+    ) -> list[GenerationResult]:
+        """Prefill every row, then rounds of (propose per row, one batched verify step) until all rows end.
+
+        Plain decoding is the same loop with no draft slots. One host transfer per round carries
+        every row's accepted count and next token back; rows that ended keep their slot (their
+        step results are ignored) until the last row ends.
+        """
+        cfg = self.config
+        n = len(prompt_list)
+        if n == 0:
+            return []
+        generators = list(generators) if generators is not None else [None] * n
+        if len(generators) != n:
+            raise ValueError(f"{len(generators)} generators for {n} prompts")
+        prompts = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompt_list]
+        if any(p.numel() == 0 for p in prompts):
+            raise ValueError("empty prompt: at least one token is needed")
+        slots = cfg.num_proposals if drafters is not None else 0
+        sampling = cfg.temperature > 0
+        lengths = [int(p.numel()) for p in prompts]
+        core = self._core(n, max(lengths) + cfg.max_new_tokens + slots + 2)
+        stats = [AcceptanceStats(prompts=1) for _ in range(n)]
+        records: list[list[RoundRecord]] = [[] for _ in range(n)]
+
+        self._sync()
+        t0 = time.perf_counter()
+        if drafters is not None:
+            for d in drafters:
+                d.reset()
+        logits, features = core.prefill(list(range(n)), prompts)
+        u = row_uniforms(generators, 1, self.device)[:, 0] if sampling else None
+        anchors = sample_rows(logits, cfg.temperature, u).tolist()
+        if drafters is not None:
+            for d, p, f in zip(drafters, prompts, features, strict=True):
+                d.extend(p.to(self.device), f)
+        self._sync()
+        t1 = time.perf_counter()
+
+        outs: list[list[int]] = []
+        reasons: list[str | None] = []
+        for a in anchors:
+            tokens, reason = self._finish([a])
+            outs.append(tokens)
+            reasons.append(reason)
+        offsets = torch.arange(slots + 1, device=self.device)
+        vocab = self.target.vocab_size
+        while any(r is None for r in reasons):
+            active = [b for b in range(n) if reasons[b] is None]
+            drafts = [[] for _ in range(n)]
+            kept = [0] * n
+            probs = torch.zeros(n, slots, vocab, device=self.device) if sampling and slots else None
+            for b in active if drafters is not None else ():
+                proposal = drafters[b].propose(anchors[b], slots, cfg.temperature, generators[b])
+                raw_g = min(int(proposal.tokens.numel()), slots)
+                g = self._truncate(raw_g, proposal.confidence)
+                drafts[b] = proposal.tokens[:g].tolist()
+                kept[b] = g
+                if probs is not None and g:
+                    probs[b, :g] = proposal.probs[:g].to(self.device, torch.float32)
+                if cfg.record_rounds:
+                    conf = proposal.confidence
+                    records[b].append(
+                        RoundRecord(
+                            g, 0, conf[:raw_g].float().cpu().tolist() if conf is not None else None, raw_g
+                        )
+                    )
+            ids = torch.tensor(
+                [[anchors[b], *drafts[b], *[0] * (slots - kept[b])] for b in range(n)], device=self.device
+            )
+            start = torch.tensor(lengths, device=self.device)
+            out = core.step(ids, start[:, None] + offsets, max(lengths) + slots + 1)
+            u = row_uniforms([generators[b] for b in active], slots + 1, self.device) if sampling else None
+            if u is not None and len(active) < n:  # rows that ended draw nothing (their streams stay put)
+                full = torch.zeros(n, slots + 1, device=self.device)
+                full[torch.tensor(active, device=self.device)] = u
+                u = full
+            accepted, nxt = verify_rows(
+                ids[:, 1:], torch.tensor(kept, device=self.device), probs, out.logits, cfg.temperature, u
+            )
+            acc_host, next_host = torch.stack([accepted, nxt]).tolist()
+            for b in active:
+                a = acc_host[b]
+                stats[b].add_round(kept[b], a)
+                if cfg.record_rounds and drafters is not None:
+                    records[b][-1].accepted = a
+                lengths[b] += 1 + a
+                outs[b], reasons[b] = self._finish(outs[b] + [*drafts[b][:a], next_host[b]])
+                anchors[b] = next_host[b]
+                if reasons[b] is None and drafters is not None:
+                    # copies: a replayed graph overwrites its output buffers at the next step
+                    drafters[b].extend(ids[b, : 1 + a].clone(), out.features[b, : 1 + a].clone())
+        self._sync()
+        wall = time.perf_counter() - t1
+        total_new = sum(len(o) - 1 for o in outs)
+        results = []
+        for b in range(n):
+            st = stats[b]
+            st.new_tokens = len(outs[b]) - 1  # tokens produced after the prefill's first token
+            # the batch's decode time, shared in proportion to the tokens each row produced, so that
+            # summed over rows tokens / seconds is the batch's throughput
+            st.decode_seconds = wall * (st.new_tokens / total_new if total_new else 1.0 / n)
+            results.append(GenerationResult(outs[b], reasons[b] or "length", st, t1 - t0, records[b]))
+        return results
+
+    # ------------------------------------------------------------------ dynamic (eager reference) path
+    @torch.no_grad()
+    def _generate_dynamic(
+        self, prompt_ids: list[int] | torch.Tensor, generator: torch.Generator | None = None
+    ) -> GenerationResult:
+        """Speculative decode of one prompt on transformers' dynamic cache (the eager reference)."""
         if self.drafter is None:
             raise ValueError(
                 "SpeculativeEngine.generate needs a drafter; use generate_plain for the target alone"
@@ -206,10 +405,10 @@ class SpeculativeEngine:
         return GenerationResult(out_tokens, reason, stats, t1 - t0, records)
 
     @torch.no_grad()
-    def generate_plain(
+    def _generate_plain_dynamic(
         self, prompt_ids: list[int] | torch.Tensor, generator: torch.Generator | None = None
     ) -> GenerationResult:
-        """Target-only decode, one token per forward, same prefill and KV-cache path (the baseline)."""
+        """Target-only decode on transformers' dynamic cache (the eager reference)."""
         cfg = self.config
         prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=self.device).reshape(-1)
         if prompt.numel() == 0:

@@ -18,21 +18,21 @@ from .conftest import TargetCopyDrafter, reference_greedy
 PROMPTS = [[1, 5, 9, 17, 33, 5, 9], [1, 40, 41, 42], [1, 7]]
 
 
+@pytest.mark.parametrize("kv_cache", ["static", "dynamic"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("drafter_name", ["copy", "random", "ngram"])
-def test_greedy_identical_to_target(arch, drafter_name):
+def test_greedy_identical_to_target(arch, drafter_name, kv_cache):
     target = tiny_target(arch)
     vocab = target.vocab_size
-    drafter = {
+    make = {
         "copy": lambda: TargetCopyDrafter(target.model),
         "random": lambda: RandomDrafter(vocab, seed=1),
         "ngram": lambda: NGramDrafter(vocab),
-    }[drafter_name]()
-    engine = SpeculativeEngine(
-        target, drafter, EngineConfig(num_proposals=4, temperature=0.0, max_new_tokens=24)
-    )
-    for prompt in PROMPTS:
-        want = reference_greedy(target.model, prompt, 24)
+    }[drafter_name]
+    cfg = EngineConfig(num_proposals=4, temperature=0.0, max_new_tokens=24, kv_cache=kv_cache)
+    engine = SpeculativeEngine(target, make(), cfg, drafter_factory=make)
+    wants = [reference_greedy(target.model, prompt, 24) for prompt in PROMPTS]
+    for prompt, want in zip(PROMPTS, wants, strict=True):
         got = engine.generate(prompt)
         assert got.tokens == want
         assert engine.generate_plain(prompt).tokens == want
@@ -40,6 +40,32 @@ def test_greedy_identical_to_target(arch, drafter_name):
         assert got.stats.rounds >= 1 and 1.0 <= got.stats.tau <= 5.0
     if drafter_name == "copy":  # the copy drafter accepts several tokens per round
         assert got.stats.tau > 1.5
+    if kv_cache == "static":  # B prompts of different lengths in lockstep: every row as when alone
+        assert [r.tokens for r in engine.generate_batch(PROMPTS)] == wants
+        assert [r.tokens for r in engine.generate_plain_batch(PROMPTS)] == wants
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_batched_rows_equal_single_prompt_results(tiny_llama_target, temperature):
+    """Per-row acceptance and per-row random streams: a row's result does not depend on its neighbours."""
+    target = tiny_llama_target
+    make = lambda: RandomDrafter(target.vocab_size, seed=1, sharpness=0.5)  # noqa: E731
+    stops = tuple(range(0, target.vocab_size, 9))  # rows end after different numbers of rounds
+    cfg = EngineConfig(num_proposals=3, temperature=temperature, max_new_tokens=16, stop_token_ids=stops)
+    engine = SpeculativeEngine(target, make(), cfg, drafter_factory=make)
+    prompts = [*PROMPTS, [1, 2], [3, 4, 5, 6, 7, 8, 9, 10]]
+
+    def gens():
+        return [prompt_generator(0, "rows", i) for i in range(len(prompts))]
+
+    single = [engine.generate(p, g) for p, g in zip(prompts, gens(), strict=True)]
+    batched = engine.generate_batch(prompts, gens())
+    for one, row in zip(single, batched, strict=True):
+        assert (row.tokens, row.finish_reason) == (one.tokens, one.finish_reason)
+        assert (row.stats.rounds, row.stats.accepted) == (one.stats.rounds, one.stats.accepted)
+    plain_single = [engine.generate_plain(p, g).tokens for p, g in zip(prompts, gens(), strict=True)]
+    assert [r.tokens for r in engine.generate_plain_batch(prompts, gens())] == plain_single
+    assert len({len(r.tokens) for r in batched}) > 1  # rows really stop at different rounds
 
 
 def test_stop_token_and_max_new_tokens(tiny_llama_target):
@@ -108,37 +134,51 @@ def chi2_pvalue(samples: list[tuple[int, ...]], joint: dict[tuple[int, ...], flo
     return float(chisquare(obs, exp).pvalue)
 
 
-def sample_engine(engine, n_runs: int, n_tokens: int, tag: str) -> list[tuple[int, ...]]:
+def sample_engine(engine, n_runs: int, n_tokens: int, tag: str, batch: int = 1) -> list[tuple[int, ...]]:
     out = []
-    for i in range(n_runs):
-        res = engine.generate(PROMPT, prompt_generator(0, tag, i))
-        out.append(tuple(res.tokens[:n_tokens]))
+    for start in range(0, n_runs, batch):
+        gens = [prompt_generator(0, tag, i) for i in range(start, min(start + batch, n_runs))]
+        if batch == 1:
+            results = [engine.generate(PROMPT, gens[0])]
+        else:  # rows in lockstep: every row must still be an exact target sample
+            results = engine.generate_batch([PROMPT] * len(gens), gens)
+        out.extend(tuple(res.tokens[:n_tokens]) for res in results)
     return out
 
 
 N_RUNS = 1500
 
 
-@pytest.mark.parametrize("mode", ["plain", "threshold+scheduler"])
-def test_t1_output_distribution_equals_target(peaked_target, mode):
+@pytest.mark.parametrize(
+    ("mode", "kv_cache", "batch"),
+    [
+        ("plain", "dynamic", 1),
+        ("plain", "static", 1),
+        ("plain", "static", 50),
+        ("threshold+scheduler", "dynamic", 1),
+        ("threshold+scheduler", "static", 25),
+    ],
+)
+def test_t1_output_distribution_equals_target(peaked_target, mode, kv_cache, batch):
     target = peaked_target
     joint = exact_joint(target, PROMPT, 3)
+    sched = None
     if mode == "plain":
-        drafter = RandomDrafter(V, seed=5, sharpness=1.5)
-        engine = SpeculativeEngine(
-            target, drafter, EngineConfig(num_proposals=3, temperature=1.0, max_new_tokens=3)
-        )
+        make = lambda: RandomDrafter(V, seed=5, sharpness=1.5)  # noqa: E731
+        cfg = EngineConfig(num_proposals=3, temperature=1.0, max_new_tokens=3, kv_cache=kv_cache)
     else:
-        drafter = RandomDrafter(V, seed=5, sharpness=1.5, confidence=True)
+        make = lambda: RandomDrafter(V, seed=5, sharpness=1.5, confidence=True)  # noqa: E731
         # a cost curve that makes the scheduler keep 0..3 slots depending on the confidences
         sched = PrefixScheduler(CostCurve([1.0, 1.3, 1.6, 1.9]))
-        cfg = EngineConfig(num_proposals=3, temperature=1.0, max_new_tokens=3, confidence_threshold=0.3)
-        engine = SpeculativeEngine(target, drafter, cfg, scheduler=sched)
-    samples = sample_engine(engine, N_RUNS, 3, mode)
+        cfg = EngineConfig(
+            num_proposals=3, temperature=1.0, max_new_tokens=3, confidence_threshold=0.3, kv_cache=kv_cache
+        )
+    engine = SpeculativeEngine(target, make(), cfg, scheduler=sched, drafter_factory=make)
+    samples = sample_engine(engine, N_RUNS, 3, f"{mode}-{kv_cache}", batch)
     # first token comes from the prefill; tokens 2-3 from verification rounds
     assert chi2_pvalue(samples, joint) > 1e-3
     assert chi2_pvalue([s[1:] for s in samples], _marginal(joint, (1, 2))) > 1e-3
-    if mode != "plain":
+    if sched is not None:
         assert len(set(sched.decisions)) > 1, "the scheduler should truncate to different lengths"
 
 
