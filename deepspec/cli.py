@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "export": "deepspec.export.cli",
     "recipe": "deepspec.recipe_cli",
     "operator": "deepspec.operator.cli",
+    "monitor": "deepspec.monitor.cli",
 }
 
 
