@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
@@ -20,8 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from deepspec.cli_args import add_recipe_arguments
 
     add_recipe_arguments(parser)
-    parser.add_argument("--input", help="conversations JSONL (default: data.path)")
-    parser.add_argument("--output", help="output JSONL (default: regeneration.output)")
+    parser.add_argument("--input", help="conversations JSONL, local or s3:// (default: data.path)")
+    parser.add_argument(
+        "--output",
+        help="output JSONL, local or s3:// (default: regeneration.output); a relative path lands under "
+        "storage.root",
+    )
     parser.add_argument(
         "--endpoint",
         action="append",
@@ -88,9 +91,12 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from deepspec.config import load_recipe
+    from deepspec.layout import RunLayout
     from deepspec.regenerate.job import RegenerationError, RegenerationJob
+    from deepspec.regenerate.remote import OutputLocation, fetch_input
     from deepspec.regenerate.runner import regenerate
     from deepspec.regenerate.shards import (
+        OutputPaths,
         ShardError,
         merge_shards,
         parse_shard,
@@ -102,24 +108,30 @@ def run(args: argparse.Namespace) -> int:
     for noisy in ("httpx", "httpx2", "httpcore", "openai"):  # one INFO line per request otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
     recipe = load_recipe(args.config, args.overrides)
-    output = args.output or recipe.regeneration.output
+    layout = RunLayout.from_recipe(recipe)
+    # --output is an output like regeneration.output: a relative path lands under storage.root.
+    output = OutputLocation.of(layout, layout.resolve(args.output) if args.output else layout.regenerated)
     try:
         if args.merge:
             count = args.shards or shard_count_from_env()
             if not count:
                 raise ShardError("--merge needs --shards N (or DEEPSPEC_NUM_SHARDS)")
-            merge_shards(output, count, quiet=False)
+            output.fetch_shards(count)
+            summary = merge_shards(output.local, count, quiet=False)
+            print(output.publish(OutputPaths(output.local), summary))
             return 0
         shard = parse_shard(args.shard) if args.shard else shard_from_env()
         endpoints = args.endpoint or list(recipe.regeneration.endpoints)
         target = recipe.target
         limit = args.limit if args.limit is not None else recipe.data.max_samples
         workers = _workers(args.workers, recipe.regeneration.concurrency, max(1, len(endpoints)))
+        input_uri = args.input or layout.dataset  # an input: relative to the working directory
+        input_path = fetch_input(layout, input_uri)
         server: AbstractContextManager[str] = nullcontext("") if endpoints else _embedded_server(target)
         with server as url:
             job = RegenerationJob(
-                input_path=args.input or recipe.data.path,
-                output_path=output,
+                input_path=str(input_path),
+                output_path=str(output.local),
                 endpoints=endpoints or [url],
                 settings=recipe.regeneration,
                 model=target.served_model_name,
@@ -133,8 +145,9 @@ def run(args: argparse.Namespace) -> int:
                 workers=workers,
             )
             summary = regenerate(job)
+        published = output.publish(job.paths, summary, input_uri)
     except (RegenerationError, ShardError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(os.fspath(summary["output"]))
+    print(published)
     return 0 if summary["error"] == 0 else 1

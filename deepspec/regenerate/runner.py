@@ -31,7 +31,8 @@ from deepspec.regenerate.job import RegenerationError, RegenerationJob, file_sha
 from deepspec.regenerate.journal import JournalMismatch, JournalWriter, check_fingerprint, load_journal
 from deepspec.regenerate.send import install_uvloop, open_pool, send_records
 from deepspec.regenerate.shards import ShardError, write_jsonl_atomic
-from deepspec.regenerate.summary import account, invariant_line, write_json_atomic
+from deepspec.regenerate.summary import account, invariant_line
+from deepspec.storage import atomic_write_json
 
 __all__ = ["RegenerationError", "RegenerationJob", "regenerate"]
 
@@ -229,7 +230,7 @@ async def _regenerate(job: RegenerationJob) -> dict[str, Any]:
             **stats.summary(),  # requests, retries, endpoints, workers, send-phase rate and CPU
         }
     )
-    write_json_atomic(paths.summary, summary)
+    atomic_write_json(paths.summary, summary)
     if job.progress:
         print(f"{paths.output}: {invariant_line(summary)}", file=sys.stderr)
     return summary

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deepspec.regenerate.summary import account, invariant_line, write_json_atomic
+from deepspec.regenerate.summary import account, invariant_line
+from deepspec.storage import atomic_open, atomic_write_json
 
 
 class ShardError(ValueError):
@@ -112,16 +113,11 @@ class OutputPaths:
 
 def write_jsonl_atomic(path: Path, records: Any) -> int:
     """Write records to ``path`` through a temporary file and a rename; returns the count."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path, "w") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
             n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return n
 
 
@@ -197,7 +193,7 @@ def merge_shards(output: str | Path, count: int, *, quiet: bool = False) -> dict
             "model": summaries[0].get("model"),
         }
     )
-    write_json_atomic(paths.summary, summary)
+    atomic_write_json(paths.summary, summary)
     if not quiet:
         print(f"merged {count} shards -> {paths.output}: {invariant_line(summary)}")
     return summary

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 STATUSES = ("ok", "truncated", "error", "skipped")
@@ -65,13 +62,3 @@ def invariant_line(s: dict[str, Any]) -> str:
         f"ok {s['ok']} + truncated {s['truncated']} + error {s['error']} + skipped {s['skipped']} "
         f"== input {s['input']}: {'holds' if s['invariant_holds'] else 'BROKEN'}"
     )
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

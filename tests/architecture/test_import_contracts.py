@@ -55,44 +55,42 @@ def test_the_clean_tree_keeps_every_contract(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("module", "line", "named", "broken"),
+    ("module", "line", "named", "contract"),
     [
-        # A library module importing an entry point that does not depend on it: only the layers break.
-        ("deepspec/devices.py", "import deepspec.operator", "deepspec.operator", {"layers"}),
-        # The data library importing a stage, which imports data: an upward import and a circle.
-        (
-            "deepspec/data/template.py",
-            "import deepspec.eval.report",
-            "deepspec.eval.report",
-            {"layers", "circles"},
-        ),
+        # The data library importing a stage (an upward import; it also closes a circle, as most
+        # upward imports do, which the circles contract reports as well).
+        ("deepspec/data/template.py", "import deepspec.eval.report", "deepspec.eval.report", "layers"),
         # The recipe schema importing the recipe command, lazily inside a function: still upward.
         (
             "deepspec/config.py",
             "def _late() -> None:\n    from deepspec.recipe_cli import run",
             "deepspec.recipe_cli",
-            {"layers", "circles"},
+            "layers",
         ),
         # The operator importing torch or a stage (allowed by the layers, not by the operator's contract).
-        ("deepspec/operator/__init__.py", "import torch", "torch", {"operator"}),
-        ("deepspec/operator/__init__.py", "import deepspec.train", "deepspec.train", {"operator"}),
+        ("deepspec/operator/__init__.py", "import torch", "torch", "operator"),
+        ("deepspec/operator/__init__.py", "import deepspec.train", "deepspec.train", "operator"),
+        # A heavy module of a package the operator may otherwise use (eval's engine imports torch).
+        ("deepspec/operator/__init__.py", "import deepspec.eval.engine", "torch", "operator"),
         # The import circle issue 9 removed: the regeneration workers importing the runner again.
         (
             "deepspec/regenerate/workers.py",
             "from deepspec.regenerate.runner import regenerate",
             ".workers -> .runner",
-            {"circles"},
+            "circles",
         ),
     ],
 )
 def test_a_forbidden_import_breaks_its_contract(
-    tmp_path: Path, module: str, line: str, named: str, broken: set[str]
+    tmp_path: Path, module: str, line: str, named: str, contract: str
 ) -> None:
     project = copy_project(tmp_path)
     add_line(project / module, line)
     result = lint_imports(project)
     assert result.returncode == 1, result.stdout + result.stderr
-    assert broken_contracts(result.stdout) == broken, result.stdout
+    broken = broken_contracts(result.stdout)
+    assert contract in broken, result.stdout
+    assert broken <= {contract, "circles"}, result.stdout  # nothing unrelated breaks
     assert named in result.stdout
 
 
