@@ -9,11 +9,12 @@ when the server restarts (counters back to 0, SGLang running averages restarting
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from monitor_fakes import EngineServer, FakeClock, FakeSGLang, FakeVLLM, FakeVLLMNoSpec
 
-from deepspec.monitor.drift import Baseline, DriftPolicy, DriftState
+from deepspec.monitor.drift import Baseline, DriftPolicy, DriftState, load_baseline
 from deepspec.monitor.scrape import MetricsScraper
 from deepspec.monitor.service import Monitor, MonitorLabels
 
@@ -184,3 +185,32 @@ def test_model_filter_names_what_it_saw() -> None:
     with EngineServer(metrics=fake.metrics) as srv:
         m = MetricsScraper("sglang", [srv.url + "/metrics"], model="qwen3-8b").collect()
     assert not m.reachable and "'qwen3-8b' not among ['other']" in m.detail
+
+
+def test_learned_baseline_is_recorded_once_and_a_new_draft_resets_the_clock(tmp_path: Path) -> None:
+
+    fake, clock = FakeVLLM(), FakeClock()
+    path = tmp_path / "baseline.json"
+    with EngineServer(metrics=fake.metrics) as srv:
+        scraper = MetricsScraper("vllm", [srv.url + "/metrics"])
+        labels = MonitorLabels("m", "run-5", "vllm", "scrape")
+        mon = Monitor(scraper, labels, POLICY, WINDOW_S, None, learn_baseline_to=path, clock=clock)
+        mon.tick()
+        fake.serve_steps(50, 2)  # too few steps to learn from
+        clock.advance(60)
+        assert mon.tick().state is DriftState.INSUFFICIENT_DATA and not path.exists()
+        fake.serve_steps(100, 2)
+        clock.advance(60)
+        assert mon.tick().state is DriftState.OK  # learned 3.0 from 150 steps, then compared with it
+        learned = load_baseline(path)
+        assert (learned.accept_length, learned.draft_version, learned.source) == (3.0, "run-5", "learned")
+        for _ in range(6):  # the traffic degrades: 1.0 accepted per step -> 2.0 < 2.7
+            fake.serve_steps(150, 1)
+            clock.advance(60)
+            status = mon.tick()
+        assert status.state is DriftState.BELOW_BASELINE and load_baseline(path).accept_length == 3.0
+        mon.set_baseline(Baseline(2.1, "run-6"))  # a new draft passed its gate
+        assert mon.status is not None and mon.status.below_since is None
+        fake.serve_steps(150, 1)
+        clock.advance(60)
+        assert mon.tick().state is DriftState.OK
