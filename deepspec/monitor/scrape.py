@@ -174,8 +174,8 @@ class EndpointScraper:
         self.sglang_gauges = sglang_gauges
         self.fetch = fetch
         self.counters = CounterTracker()
-        # (tokens G, lifetime verification steps G / A, _created stamps of G) at the previous scrape
         self.models_seen: list[str] = []
+        # (tokens G, lifetime verification steps G / A, _created stamps of G) at the previous scrape
         self._cumulative_prev: tuple[float, float | None, tuple[float, ...]] | None = None
 
     def collect(self) -> Measurement:
