@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from deepspec.data.template import template_kwargs
+
 log = logging.getLogger(__name__)
 
 
@@ -71,14 +73,6 @@ def load_training_records(path: str | Path, stats: LoadStats | None = None) -> l
             else:
                 stats.skipped_status += 1
     return records
-
-
-def chat_template_kwargs_from(recipe: Any) -> dict[str, Any]:
-    """The chat-template kwargs the target generated with (so training renders the same text)."""
-    kwargs = dict(recipe.regeneration.chat_template_kwargs)
-    if recipe.regeneration.thinking is not None:
-        kwargs["enable_thinking"] = recipe.regeneration.thinking
-    return kwargs
 
 
 def tokenize_records(
@@ -222,7 +216,7 @@ def load_sequences(recipe: Any, tokenizer: Any, progress: bool = False) -> list[
         records,
         tokenizer,
         recipe.data.max_length,
-        chat_template_kwargs_from(recipe),
+        template_kwargs(recipe.regeneration),
         stats,
         progress=progress,
     )

@@ -1,5 +1,13 @@
 """Chat-template rendering and assistant loss masks, computed from the tokenizer's own template.
 
+**The one rule** for regenerate (the embedded server), train (loss masks) and eval (benchmark prompts):
+the tokenizer's own chat template, rendered by :func:`render_prompt` / :func:`render_with_mask`, with
+the kwargs of :func:`template_kwargs` (the recipe's ``regeneration.chat_template_kwargs`` plus
+``enable_thinking`` from ``regeneration.thinking``; evaluation sets the thinking switch from
+``evaluation.thinking``). The text is tokenised without extra special tokens (the template writes
+its own BOS when it has one). A tokenizer without a chat template is an error everywhere, never a
+silent plain-text fallback: a draft trained on templated text would be measured on other text.
+
 Two functions, one rendering rule. :func:`render_prompt` is what the embedded server feeds the model
 (the template with ``add_generation_prompt=True`` and the request's ``chat_template_kwargs``);
 :func:`render_with_mask` renders a whole conversation with the *same* template and kwargs, so a
@@ -22,14 +30,33 @@ How the mask is found, for any template and without special ``{% generation %}``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 _PROBE = "Deepspec probe answer 7f3a9c"
 
 
 class TemplateError(ValueError):
     """The tokenizer's chat template cannot render these messages, or the mask cannot be located."""
+
+
+class TemplateSettings(Protocol):
+    """The recipe section carrying the template settings (``RegenerationConfig``)."""
+
+    chat_template_kwargs: Mapping[str, Any]
+    thinking: bool | None
+
+
+def template_kwargs(settings: TemplateSettings, thinking: bool | None = None) -> dict[str, Any]:
+    """The chat-template kwargs a run renders with: ``settings.chat_template_kwargs`` plus
+    ``enable_thinking`` (``thinking`` when given, else ``settings.thinking``; None leaves the template's
+    default). ``settings`` is the recipe's regeneration section: the target wrote the training answers
+    with these kwargs, so training and evaluation render the same text."""
+    kwargs = dict(settings.chat_template_kwargs)
+    switch = settings.thinking if thinking is None else thinking
+    if switch is not None:
+        kwargs["enable_thinking"] = switch
+    return kwargs
 
 
 def _render(
@@ -41,7 +68,10 @@ def _render(
     tools: list[dict[str, Any]] | None = None,
 ) -> str:
     if getattr(tokenizer, "chat_template", None) is None:
-        raise TemplateError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template")
+        raise TemplateError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; use an instruct "
+            "model or add a 'chat_template' to its tokenizer_config.json"
+        )
     try:
         text = tokenizer.apply_chat_template(
             list(messages),

@@ -6,10 +6,18 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from deepspec.layout import LATEST
+
 if TYPE_CHECKING:
+    import torch
+
     from deepspec.config import Recipe
-    from deepspec.models.common import DraftModel
+    from deepspec.layout import RunLayout
+    from deepspec.models.draft import DraftModel
     from deepspec.target_model.model import TargetModel
+
+
+CHECKPOINT_FILES = ("config.json", "model.safetensors")  # what a draft needs to load
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -17,7 +25,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if (p / "config.json").is_file():
         return p
-    latest = p if p.is_file() and p.name == "latest" else p / "latest"
+    latest = p if p.is_file() and p.name == LATEST else p / LATEST
     p = latest.parent
     if latest.is_file():
         step = p / latest.read_text(encoding="utf-8").strip()
@@ -30,16 +38,49 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def local_path(recipe: Recipe, path: str | Path) -> Path:
-    """A recipe path: relative ones resolve against a local ``storage.root``."""
-    text = str(path)
-    root = recipe.storage.root
-    if text.startswith("s3://") or root.startswith("s3://"):
+    """A recipe output path on this machine (relative ones under ``storage.root``); refuses ``s3://``.
+
+    For stages that only write local folders; evaluation goes through :func:`locate_checkpoint` and
+    :meth:`RunLayout.local_output` instead, which handle ``s3://`` roots.
+    """
+    from deepspec.layout import RunLayout
+    from deepspec.storage import is_s3
+
+    text = RunLayout.from_recipe(recipe).resolve(str(path))
+    if is_s3(text):
         raise ValueError(
-            f"{text}: eval/export read and write local paths; sync s3:// storage to a local folder first "
+            f"{text}: this stage writes local paths only; sync s3:// storage to a local folder first "
             "(or mount the volume) and pass that path"
         )
-    p = Path(text)
-    return p if p.is_absolute() or root in ("", ".") else Path(root) / p
+    return Path(text)
+
+
+def locate_checkpoint(layout: RunLayout, checkpoint: str | Path) -> tuple[str, Path]:
+    """(where the step checkpoint lives, a local folder holding it) for a ``--checkpoint`` argument.
+
+    Relative paths are outputs of the run (under ``storage.root``). Local: :func:`resolve_checkpoint`.
+    ``s3://``: the step folder itself, a training output prefix or its ``latest`` object; only the two
+    files a draft needs (``config.json``, ``model.safetensors``) are downloaded, never optimizer states.
+    """
+    from deepspec.storage import S3Store, is_s3, join
+
+    text = layout.resolve(str(checkpoint))
+    if not is_s3(text):
+        step = resolve_checkpoint(text)
+        return str(step), step
+    base = text.rstrip("/")
+    if base.endswith("/" + LATEST):
+        base = base[: -len(LATEST) - 1]
+    store = S3Store(base, layout.endpoint_url)
+    if not store.exists("config.json"):
+        if not store.exists(LATEST):
+            raise FileNotFoundError(
+                f"{text} is not a checkpoint: expected config.json + model.safetensors, or a 'latest' object "
+                "naming step_<N>"
+            )
+        base = join(base, store.read_text(LATEST).strip())
+    files = [layout.local_input(join(base, name)) for name in CHECKPOINT_FILES]
+    return base, files[0].parent
 
 
 def read_checkpoint_config(path: Path) -> dict[str, Any]:
@@ -68,13 +109,17 @@ def checkpoint_algorithm(cfg: dict[str, Any], default: str) -> str:
 
 
 def load_target_and_draft(
-    recipe: Recipe, checkpoint: str | Path, device: str | None = None
-) -> tuple[TargetModel, DraftModel, Path]:
-    """Load the recipe's target with the checkpoint's layer ids, then the draft on it."""
+    recipe: Recipe, checkpoint: str | Path, device: str | torch.device | None = None
+) -> tuple[TargetModel, DraftModel, str]:
+    """Load the recipe's target with the checkpoint's layer ids, then the draft on it.
+
+    Returns the step checkpoint's location too (a local path or an ``s3://`` URI, for reports).
+    """
+    from deepspec.layout import RunLayout
     from deepspec.models import load_draft
     from deepspec.target_model.model import TargetModel
 
-    ckpt = resolve_checkpoint(local_path(recipe, checkpoint))
+    where, ckpt = locate_checkpoint(RunLayout.from_recipe(recipe), checkpoint)
     cfg = read_checkpoint_config(ckpt)
     algorithm = checkpoint_algorithm(cfg, recipe.draft.algorithm)
     layer_ids = checkpoint_layer_ids(cfg) or recipe.draft.target_layer_ids
@@ -88,7 +133,7 @@ def load_target_and_draft(
     )
     draft = load_draft(ckpt, target)
     draft.eval()
-    return target, draft, ckpt
+    return target, draft, where
 
 
 def load_tokenizer(target: TargetModel) -> Any:

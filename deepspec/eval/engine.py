@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from deepspec.decode.sampling import row_uniforms, sample_rows, verify_rows
+from deepspec.eval.kv_cache import crop_cache
 from deepspec.eval.metrics import AcceptanceStats
 from deepspec.eval.sampling import sample_token, verify
 
@@ -76,19 +77,6 @@ class GenerationResult:
     stats: AcceptanceStats
     prefill_seconds: float
     rounds: list[RoundRecord] = field(default_factory=list)
-
-
-def crop_cache(cache: Any, length: int) -> None:
-    """Drop cached positions past ``length``.
-
-    A negative argument to ``Cache.crop`` removes that many tokens in every transformers 5.x release
-    (5.23 rejects positive absolute lengths, older releases accept both), so only that form is used.
-    """
-    remove = cache.get_seq_length() - length
-    if remove < 0:
-        raise ValueError(f"cannot crop a cache of {cache.get_seq_length()} tokens to {length}")
-    if remove:
-        cache.crop(-remove)
 
 
 def prompt_seed(seed: int, benchmark: str, index: int) -> int:

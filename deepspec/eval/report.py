@@ -12,15 +12,13 @@ Report shape (``report.json``)::
 
 from __future__ import annotations
 
-import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from deepspec.eval.metrics import AcceptanceStats, macro_average
-
-SUMMARY_LIMIT = 4096
+from deepspec.eval.summary import EvalSummary
+from deepspec.storage import atomic_write_json, atomic_write_text
 
 
 def build_report(
@@ -72,32 +70,13 @@ def build_report(
 
 
 def compact_summary(report: dict[str, Any]) -> dict[str, Any]:
-    """The operator's view: macro tau and per-benchmark tau / acceptance ratio / prompt count."""
-    return {
-        "v": 1,
-        "algorithm": report["algorithm"],
-        "target_revision": report.get("target_revision"),
-        "checkpoint": report.get("checkpoint"),
-        "macro_accept_length": round(report["macro"]["tau"], 4),
-        "benchmarks": {
-            name: {
-                "tau": round(b["tau"], 4),
-                "acceptance_ratio": round(b["acceptance_ratio"], 4),
-                "n": b["prompts"],
-            }
-            for name, b in report["benchmarks"].items()
-        },
-    }
+    """The operator's view (:class:`~deepspec.eval.summary.EvalSummary`): macro tau and per-benchmark
+    tau / acceptance ratio / prompt count."""
+    return EvalSummary.from_report(report).model_dump()
 
 
 def summary_json(report: dict[str, Any]) -> str:
-    text = json.dumps(compact_summary(report), separators=(",", ":"))
-    if len(text.encode()) >= SUMMARY_LIMIT:
-        raise ValueError(
-            f"compact summary is {len(text.encode())} bytes, over the {SUMMARY_LIMIT}-byte termination-log limit "
-            "(too many benchmarks or a very long checkpoint path)"
-        )
-    return text
+    return EvalSummary.from_report(report).to_json()
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -158,18 +137,12 @@ def write_report(
         "acceptance_plot": out / "acceptance.png",
         "tau_plot": out / "tau.png",
     }
-    _atomic_write(paths["json"], json.dumps(report, indent=2) + "\n")
-    _atomic_write(paths["markdown"], markdown_table(report))
+    atomic_write_json(paths["json"], report)
+    atomic_write_text(paths["markdown"], markdown_table(report))
     summary = summary_json(report)
-    _atomic_write(paths["summary"], summary + "\n")
+    atomic_write_text(paths["summary"], summary + "\n")
     plot_acceptance(report, paths["acceptance_plot"])
     plot_tau(report, paths["tau_plot"])
     if termination_log:
         Path(termination_log).write_text(summary, encoding="utf-8")
     return paths
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

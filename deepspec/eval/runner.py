@@ -1,4 +1,7 @@
-"""Running the engine over benchmark prompts: chat rendering, turns, baseline, process sharding.
+"""Running the engine over benchmark prompts: turns, baseline, process sharding.
+
+Prompts are rendered by the one chat-template rule of :mod:`deepspec.data.template` (the same token
+ids the embedded server and the training loss masks use).
 
 Sharding: rank ``r`` of ``world`` takes prompts ``i % world == r`` (per benchmark); each prompt has its
 own generator seeded from (seed, benchmark, index), so the merged counters do not depend on the
@@ -8,15 +11,16 @@ number of processes. Ranks write their raw counters to ``<out>/parts/rank<r>.jso
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deepspec.data.template import render_prompt
 from deepspec.eval.benchmarks import BenchmarkPrompt
 from deepspec.eval.engine import RoundRecord, SpeculativeEngine, prompt_generator
 from deepspec.eval.metrics import AcceptanceStats
+from deepspec.storage import atomic_write_json
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
@@ -27,7 +31,8 @@ Results = dict[str, tuple[AcceptanceStats, AcceptanceStats | None]]
 class RunSettings:
     seed: int = 0
     all_turns: bool = False
-    thinking: bool = False
+    # chat-template kwargs (deepspec.data.template.template_kwargs: the recipe's, thinking from evaluation)
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
     baseline: bool = True  # also run the target alone on the same prompts (tokens/s, speedup)
     progress: bool = True
 
@@ -57,18 +62,6 @@ def stop_token_ids(tokenizer: Any, model_config: Any = None) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def render_prompt(tokenizer: Any, messages: list[dict[str, str]], thinking: bool) -> list[int]:
-    """Token ids of the chat-formatted conversation with the generation prompt appended."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
-        )
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    # no chat template (base models, test tokenizers): plain concatenation of the turns
-    text = "\n\n".join(m["content"] for m in messages) + "\n\n"
-    return list(tokenizer(text)["input_ids"])
-
-
 def run_prompt(
     engine: SpeculativeEngine, tokenizer: Any, prompt: BenchmarkPrompt, settings: RunSettings
 ) -> tuple[AcceptanceStats, AcceptanceStats | None, list[RoundRecord]]:
@@ -82,7 +75,7 @@ def run_prompt(
     messages: list[dict[str, str]] = []
     for turn in turns:
         messages.append({"role": "user", "content": turn})
-        ids = render_prompt(tokenizer, messages, settings.thinking)
+        ids = render_prompt(tokenizer, messages, settings.template_kwargs)
         out = engine.generate(ids, gen_spec)
         spec += out.stats
         records.extend(out.rounds)
@@ -159,10 +152,7 @@ def write_rank_file(
         "results": results_to_json(results),
         "records": [[b, i, r.proposed, r.accepted, r.confidence, r.raw_proposed] for b, i, r in records],
     }
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return atomic_write_json(path, payload, indent=None)
 
 
 def merge_rank_files(out_dir: Path, world: int) -> tuple[Results, list[tuple[str, int, RoundRecord]]]:

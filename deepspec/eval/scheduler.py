@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from deepspec.eval.kv_cache import crop_cache
+
 if TYPE_CHECKING:
     from deepspec.target_model.model import TargetModel
 
@@ -104,8 +106,6 @@ def profile_cost_curve(
 
     The cache is cropped back to the prefix after every forward, exactly as in the engine.
     """
-    from deepspec.eval.engine import crop_cache
-
     device = target.lm_head.weight.device
     vocab = target.vocab_size
     gen = torch.Generator().manual_seed(0)

@@ -34,8 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from deepspec.config import load_recipe
+    from deepspec.data.template import render_prompt, template_kwargs
     from deepspec.eval.checkpoints import load_target_and_draft, load_tokenizer, local_path
-    from deepspec.eval.runner import render_prompt, stop_token_ids
+    from deepspec.eval.runner import stop_token_ids
     from deepspec.export.exporter import export_draft, smoke_accept_length
 
     recipe = load_recipe(args.config, args.overrides)
@@ -44,9 +45,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else local_path(recipe, recipe.export.output_dir)
     target, draft, ckpt = load_target_and_draft(recipe, args.checkpoint, args.device)
     tokenizer = load_tokenizer(target)
-    prompts = [
-        render_prompt(tokenizer, [{"role": "user", "content": p}], thinking=False) for p in SMOKE_PROMPTS
-    ]
+    kwargs = template_kwargs(recipe.regeneration, thinking=recipe.evaluation.thinking)
+    prompts = [render_prompt(tokenizer, [{"role": "user", "content": p}], kwargs) for p in SMOKE_PROMPTS]
     tau = smoke_accept_length(
         target,
         draft,

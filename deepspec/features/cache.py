@@ -558,13 +558,13 @@ __all__ = [
 
 def cache_identity(recipe: Any, target: Any, tokenizer: Any) -> Any:
     """The identity a cache must match for this recipe and target (layer ids = the target's)."""
-    from deepspec.data.sequences import chat_template_kwargs_from
+    from deepspec.data.template import template_kwargs
 
     return CacheIdentity(
         target_model=recipe.target.model,
         target_revision=recipe.target.revision,
         target_config=target_fingerprint(target),
         tokenizer_hash=tokenizer_hash(tokenizer),
-        chat_template_hash=chat_template_hash(tokenizer, chat_template_kwargs_from(recipe)),
+        chat_template_hash=chat_template_hash(tokenizer, template_kwargs(recipe.regeneration)),
         layer_ids=list(target.layer_ids),
     )

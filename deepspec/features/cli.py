@@ -43,11 +43,11 @@ def choose_layers(spec: str, recipe: Any, num_layers: int) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    import torch
     from transformers import AutoConfig, AutoTokenizer
 
     from deepspec.config import load_recipe
     from deepspec.data.sequences import load_sequences
+    from deepspec.devices import pick_device
     from deepspec.features.cache import CacheError, FeatureCacheWriter, cache_identity, estimate_summary
     from deepspec.layout import RunLayout
     from deepspec.target_model.files import resolve_model_path
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.estimate_only:
         return 0
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     target = TargetModel.from_pretrained(
         recipe.target.model, layer_ids, recipe.draft.algorithm, device=device,
         dtype=None if recipe.target.dtype == "auto" else recipe.target.dtype,

@@ -82,10 +82,7 @@ class Monitor:
     def tick(self) -> DriftStatus:
         """One measurement and decision."""
         now = self.clock()
-        try:
-            m = self.source.collect()
-        except Exception as e:  # a long-running service: an unexpected answer is missing data, not a crash
-            m = Measurement(reachable=False, detail=f"measurement failed: {type(e).__name__}: {e}")
+        m = self.source.collect()
         with self._lock:
             self.measurements += 1
             if m.reachable:

@@ -31,6 +31,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from deepspec.devices import pick_device
 from deepspec.serve.sampling import PerRowSampler, PerRowStopping, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -54,14 +55,6 @@ class _Job:
     prompt_ids: list[int]
     params: SamplingParams
     future: Future = field(default_factory=Future)
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} requested but CUDA is not available on this machine")
-    return torch.device(device)
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepspec.devices import pick_device
+
 # --------------------------------------------------------------------------------------------------
 # Layer choices
 # --------------------------------------------------------------------------------------------------
@@ -139,7 +141,7 @@ class TargetModel(nn.Module):
 
         from deepspec.target_model.files import resolve_model_path
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = pick_device(device)
         if dtype is None or dtype == "auto":
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         elif isinstance(dtype, str):

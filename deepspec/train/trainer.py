@@ -34,6 +34,7 @@ from deepspec.data.sequences import (
     load_sequences,
     token_frequencies,
 )
+from deepspec.devices import DistInfo, init_distributed
 from deepspec.layout import RunLayout
 from deepspec.target_model.model import TargetModel
 from deepspec.train.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
@@ -52,43 +53,6 @@ DraftFactory = Callable[[Any, TargetModel], nn.Module]
 # --------------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-
-def init_distributed(device_pref: str | None = None) -> tuple[DistInfo, torch.device]:
-    """Read torchrun's environment; start the process group (gloo on CPU, NCCL on CUDA)."""
-    info = DistInfo(
-        rank=int(os.environ.get("RANK", 0)),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-        world_size=int(os.environ.get("WORLD_SIZE", 1)),
-    )
-    use_cuda = torch.cuda.is_available() if device_pref in (None, "auto") else device_pref.startswith("cuda")
-    if use_cuda:
-        device = torch.device("cuda", info.local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if info.enabled and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return info, device
 
 
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:

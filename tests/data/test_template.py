@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import copy
-from pathlib import Path
-
 import pytest
 
 from deepspec.data import TemplateError, render_prompt, render_with_mask
-
-QWEN3_LIKE = (Path(__file__).parent / "fixtures" / "qwen3_like.jinja").read_text()
 
 
 def masked_spans(tokenizer, ids: list[int], mask: list[int]) -> list[str]:
@@ -24,13 +19,6 @@ def masked_spans(tokenizer, ids: list[int], mask: list[int]) -> list[str]:
     if run:
         spans.append(tokenizer.decode(run))
     return spans
-
-
-@pytest.fixture(scope="module")
-def qwen3_tokenizer(smollm2_tokenizer):
-    tok = copy.deepcopy(smollm2_tokenizer)
-    tok.chat_template = QWEN3_LIKE
-    return tok
 
 
 CONV = [

@@ -39,11 +39,13 @@ def _target(path: str, algorithm: str):
 
 
 def _prompts(tokenizer, shared_dir, n: int, name: str = "gsm8k") -> list[list[int]]:
-    from deepspec.eval.runner import render_prompt
+    from deepspec.data.template import render_prompt
 
     lines = (shared_dir / "datasets" / "eval" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
     return [
-        render_prompt(tokenizer, [{"role": "user", "content": json.loads(x)["turns"][0]}], False)
+        render_prompt(
+            tokenizer, [{"role": "user", "content": json.loads(x)["turns"][0]}], {"enable_thinking": False}
+        )
         for x in lines
     ]
 

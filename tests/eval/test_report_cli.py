@@ -12,26 +12,19 @@ from deepspec.eval.benchmarks import BenchmarkPrompt
 from deepspec.eval.drafters import RandomDrafter
 from deepspec.eval.engine import EngineConfig, SpeculativeEngine
 from deepspec.eval.metrics import AcceptanceStats
-from deepspec.eval.report import SUMMARY_LIMIT, build_report, compact_summary, summary_json, write_report
+from deepspec.eval.report import build_report, compact_summary, summary_json, write_report
 from deepspec.eval.runner import RunSettings, evaluate_benchmarks, merge_rank_files, write_rank_file
+from deepspec.eval.summary import SUMMARY_LIMIT
 
 from .conftest import TargetCopyDrafter
 
 
-class CharTokenizer:
-    """A minimal tokenizer for tiny targets: characters -> ids 3..127, no chat template."""
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The tiny character tokenizer (with a chat template: prompts follow the one rendering rule)."""
+    from deepspec.testing.tiny import tiny_tokenizer
 
-    chat_template = None
-    eos_token_id = 2
-
-    def __call__(self, text, add_special_tokens=True):
-        return {"input_ids": [1] + [3 + ord(c) % 125 for c in text[:24]]}
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(chr(97 + i % 26) for i in ids)
-
-    def get_vocab(self):
-        return {}
+    return tiny_tokenizer()
 
 
 def _stats(rounds):
@@ -72,7 +65,7 @@ def test_report_summary_shape_and_limit(tmp_path):
         summary_json(big)
 
 
-def test_sharded_ranks_merge_to_the_single_process_result(tmp_path, tiny_llama_target):
+def test_sharded_ranks_merge_to_the_single_process_result(tmp_path, tiny_llama_target, tokenizer):
     target = tiny_llama_target
     prompts = {
         "a": [BenchmarkPrompt("a", i, [f"question {i}", "again"], i + 1) for i in range(4)],
@@ -81,9 +74,9 @@ def test_sharded_ranks_merge_to_the_single_process_result(tmp_path, tiny_llama_t
     cfg = EngineConfig(num_proposals=3, temperature=1.0, max_new_tokens=6)
     engine = SpeculativeEngine(target, RandomDrafter(target.vocab_size, seed=2), cfg)
     settings = RunSettings(seed=7, all_turns=True, baseline=False, progress=False)
-    single, _ = evaluate_benchmarks(engine, CharTokenizer(), prompts, settings, 0, 1)
+    single, _ = evaluate_benchmarks(engine, tokenizer, prompts, settings, 0, 1)
     for r in range(2):
-        res, recs = evaluate_benchmarks(engine, CharTokenizer(), prompts, settings, r, 2)
+        res, recs = evaluate_benchmarks(engine, tokenizer, prompts, settings, r, 2)
         write_rank_file(res, recs, tmp_path, r)
     merged, _ = merge_rank_files(tmp_path, 2)
     for name in prompts:
@@ -99,7 +92,9 @@ def _fake_loaders(monkeypatch, target, draft):
     monkeypatch.setattr(
         ck, "load_target_and_draft", lambda recipe, checkpoint, device=None: (target, draft, Path(checkpoint))
     )
-    monkeypatch.setattr(ck, "load_tokenizer", lambda t: CharTokenizer())
+    from deepspec.testing.tiny import tiny_tokenizer
+
+    monkeypatch.setattr(ck, "load_tokenizer", lambda t: tiny_tokenizer())
 
 
 class CopyDraft:
@@ -112,7 +107,7 @@ class CopyDraft:
         return TargetCopyDrafter(self.model, corrupt_every=4)
 
 
-def test_eval_cli_end_to_end(tmp_path, monkeypatch, tiny_llama_target):
+def test_eval_cli_end_to_end(tmp_path, monkeypatch, capsys, tiny_llama_target):
     from deepspec.cli import main
 
     bench = tmp_path / "bench"
@@ -123,27 +118,29 @@ def test_eval_cli_end_to_end(tmp_path, monkeypatch, tiny_llama_target):
         )
     _fake_loaders(monkeypatch, tiny_llama_target, CopyDraft(tiny_llama_target.model))
     out, log = tmp_path / "report", tmp_path / "termlog"
-    rc = main(
-        [
-            "eval",
-            "--checkpoint",
-            str(tmp_path / "step_1"),
-            "--output",
-            str(out),
-            "--termination-log",
-            str(log),
-            "--set",
-            f"evaluation.benchmarks_dir={bench}",
-            "--set",
-            "evaluation.benchmarks=[gsm8k, mt-bench]",
-            "--set",
-            "evaluation.max_new_tokens=10",
-            "--set",
-            "evaluation.temperature=0",
-            "--no-progress",
-            "--set",
-            "evaluation.gate.min_accept_length=1.5",
-        ]
+
+    def run_eval(benchmarks: str, new_tokens: int, gate: str, *extra: str) -> int:
+        return main(
+            [
+                "eval",
+                "--checkpoint",
+                str(tmp_path / "step_1"),
+                "--output",
+                str(out),
+                "--no-progress",
+                *extra,
+                *("--set", f"evaluation.benchmarks_dir={bench}"),
+                *("--set", f"evaluation.benchmarks=[{benchmarks}]"),
+                *("--set", f"evaluation.max_new_tokens={new_tokens}"),
+                *("--set", f"evaluation.gate.{gate}"),
+            ]
+        )
+
+    rc = run_eval(
+        "gsm8k, mt-bench",
+        10,
+        "min_accept_length=1.5",
+        *("--termination-log", str(log), "--set", "evaluation.temperature=0"),
     )
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
@@ -153,25 +150,11 @@ def test_eval_cli_end_to_end(tmp_path, monkeypatch, tiny_llama_target):
     assert (
         (out / "acceptance.png").is_file() and (out / "tau.png").is_file() and (out / "report.md").is_file()
     )
-    rc = main(
-        [
-            "eval",
-            "--checkpoint",
-            str(tmp_path / "step_1"),
-            "--output",
-            str(out),
-            "--no-progress",
-            "--set",
-            f"evaluation.benchmarks_dir={bench}",
-            "--set",
-            "evaluation.benchmarks=[gsm8k]",
-            "--set",
-            "evaluation.max_new_tokens=6",
-            "--set",
-            "evaluation.gate.min_accept_length=7.5",
-        ]
-    )
-    assert rc == 3  # the gate fails loudly
+    assert run_eval("gsm8k", 6, "min_accept_length=7.5") == 3  # the gate fails loudly
+    assert "gate: FAILED: accepted length" in capsys.readouterr().out
+    # max_drop against the serving draft's accepted length: the same rule as the operator's
+    rc = run_eval("mt-bench", 6, "max_drop=0.5", "--no-baseline", "--baseline-accept-length", "7.9")
+    assert rc == 3 and "below baseline 7.900" in capsys.readouterr().out
 
 
 def test_eval_cli_calibrates_dspark_confidences(tmp_path, monkeypatch, tiny_llama_target):
