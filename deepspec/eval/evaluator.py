@@ -12,8 +12,9 @@ Paths go through :class:`~deepspec.layout.RunLayout`: a relative ``--checkpoint`
 ``s3://`` report directory is written locally, then uploaded when the report is complete.
 
 Seam for batched evaluation: the engine is one component, built by :meth:`Evaluator.build_engine`,
-and :meth:`Evaluator.evaluate` produces the results of one engine configuration. A batch-size sweep
-builds one engine per batch size there and keeps one ``Results`` per batch size (speedup per batch size).
+and :meth:`Evaluator.evaluate` decodes the benchmarks with one engine. A batch-size sweep loops over
+the batch sizes in :meth:`Evaluator.run`, building one engine per size and keeping one ``Results`` per
+size (speedup per batch size); the rank files, merge and report take one ``Results`` each.
 """
 
 from __future__ import annotations
@@ -204,10 +205,15 @@ class Evaluator:
 
     # ------------------------------------------------------------------------------ running
 
-    def evaluate(self) -> tuple[Results, Records]:
-        """This rank's share of every benchmark with :attr:`engine`."""
+    def evaluate(self, engine: SpeculativeEngine | None = None) -> tuple[Results, Records]:
+        """This rank's share of every benchmark, decoded by ``engine`` (default: :attr:`engine`)."""
         return evaluate_benchmarks(
-            self.engine, self.tokenizer, self.benchmarks, self.settings, self.dist.rank, self.dist.world_size
+            engine or self.engine,
+            self.tokenizer,
+            self.benchmarks,
+            self.settings,
+            self.dist.rank,
+            self.dist.world_size,
         )
 
     def parts_dir(self) -> Path:

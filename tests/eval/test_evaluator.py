@@ -154,3 +154,36 @@ def test_evaluator_reads_checkpoint_from_s3_and_writes_report_to_s3(tmp_path, mo
     assert {"config.json", "model.safetensors"} <= downloaded
     assert not downloaded & {"trainer_state.pt", "__0_0.distcp"}  # only what a draft needs
     assert list(cwd.iterdir()) == []  # nothing written in the working directory
+
+
+def test_evaluator_ngram_on_a_local_storage_root(tmp_path, monkeypatch):
+    """Model-free drafting needs no checkpoint; the report lands under storage.root, not the working dir."""
+    from deepspec.eval.evaluator import EvalOptions, EvalSetupError, Evaluator
+    from deepspec.testing.tiny import save_tiny_target, tiny_recipe
+
+    model_dir = save_tiny_target(str(tmp_path / "target"))
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "code.jsonl").write_text(json.dumps({"turns": ["repeat: a b c a b c a b"]}) + "\n")
+    raw = tiny_recipe(model_dir, "regenerated.jsonl", "draft")
+    raw["storage"] = {"root": str(tmp_path / "root")}
+    raw["evaluation"] = {"benchmarks_dir": str(bench), "benchmarks": ["code"], "output_dir": "eval"}
+    raw["evaluation"].update(max_new_tokens=8, temperature=0.0)
+    recipe = Recipe.model_validate(raw)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    with pytest.raises(EvalSetupError, match="--checkpoint is required"):
+        Evaluator(recipe, EvalOptions())
+
+    outcome = Evaluator(recipe, EvalOptions(drafter="ngram", baseline=False, progress=False)).run()
+
+    assert (
+        outcome is not None
+        and outcome.report["algorithm"] == "ngram"
+        and outcome.report["checkpoint"] is None
+    )
+    assert outcome.report_dir == str(tmp_path / "root" / "eval")
+    assert EvalSummary.parse((tmp_path / "root" / "eval" / "summary.json").read_text()) == outcome.summary
+    assert outcome.report["protocol"]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert list(cwd.iterdir()) == []
