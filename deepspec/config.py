@@ -199,11 +199,19 @@ class TrainingConfig(StrictModel):
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Cosine floor as a fraction of lr.")
     global_batch_size: int = Field(512, ge=1, description="Sequences per optimizer step over all ranks.")
     micro_batch_size: int = Field(1, ge=1, description="Sequences per forward pass per rank.")
+    micro_batch_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Size micro-batches by padded tokens instead (length-sorted; micro_batch_size unused).",
+    )
     epochs: float = Field(10, gt=0, description="Passes over the data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     precision: Literal["bf16", "fp32"] = Field("bf16", description="Autocast precision (fp32 on CPU).")
     parallelism: Literal["ddp", "fsdp2"] = Field("ddp", description="Data parallelism under torchrun.")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the draft's layers (auto: on CUDA only)."
+    )
     seed: int = Field(0)
     log_every: int = Field(10, ge=1)
     save_every: int = Field(500, ge=1, description="Checkpoint every N optimizer steps (and at the end).")

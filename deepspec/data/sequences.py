@@ -6,8 +6,11 @@
   assistant loss mask (:func:`deepspec.data.template.render_with_mask`).
 * :class:`ResumableBatchSampler` walks an endless stream of seeded per-epoch permutations. One
   optimizer step takes the next ``global_batch_size`` sequences, sorts them by length (length
-  bucketing: little padding inside a micro-batch) and deals the micro-batches round-robin to the
-  ranks. Its whole state is ``(epoch, index)``, saved in checkpoints for an exact resume.
+  bucketing: little padding inside a micro-batch), cuts them into micro-batches (a fixed number of
+  sequences, or as many as fit a padded-token budget) and deals the micro-batches round-robin to the
+  ranks. Every rank computes the same global split, so all ranks run the same number of micro-batches
+  (FSDP2 gathers weights in every forward). Its whole state is ``(epoch, index)``, independent of the
+  world size, saved in checkpoints for an exact resume (also onto another number of processes).
 """
 
 from __future__ import annotations
@@ -125,7 +128,12 @@ def token_frequencies(sequences: Iterable[TokenizedSequence], vocab_size: int) -
 
 
 class ResumableBatchSampler:
-    """Deterministic global batches over seeded epoch permutations, with a resumable ``(epoch, index)``."""
+    """Deterministic global batches over seeded epoch permutations, with a resumable ``(epoch, index)``.
+
+    ``micro_batch_tokens`` (optional) sizes micro-batches by padded tokens instead of a fixed count
+    (``micro_batch_size`` is then unused): the length-sorted global batch is cut greedily so that
+    ``rows x longest row <= micro_batch_tokens`` (a longer single sequence forms a micro-batch of its own).
+    """
 
     def __init__(
         self,
@@ -135,17 +143,23 @@ class ResumableBatchSampler:
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
+        micro_batch_tokens: int | None = None,
     ):
         if not lengths:
             raise ValueError("no training sequences: the dataset is empty after filtering")
-        if global_batch_size % (micro_batch_size * world_size):
+        if micro_batch_tokens is None and global_batch_size % (micro_batch_size * world_size):
             raise ValueError(
                 f"training.global_batch_size {global_batch_size} must be a multiple of "
                 f"micro_batch_size x world_size = {micro_batch_size} x {world_size}"
             )
+        if global_batch_size % world_size:
+            raise ValueError(
+                f"training.global_batch_size {global_batch_size} must be a multiple of the {world_size} processes"
+            )
         self.lengths = lengths
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
+        self.micro_batch_tokens = micro_batch_tokens
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch, self.index = 0, 0
         self._perm_epoch = -1
@@ -153,6 +167,7 @@ class ResumableBatchSampler:
 
     @property
     def accumulation_steps(self) -> int:
+        """Micro-batches per rank and step with a fixed micro-batch size (varies with a token budget)."""
         return self.global_batch_size // (self.micro_batch_size * self.world_size)
 
     def _permutation(self, epoch: int) -> list[int]:
@@ -174,9 +189,26 @@ class ResumableBatchSampler:
                 self.epoch, self.index = self.epoch + 1, 0
         # Length bucketing inside the global batch (stable sort: ties keep the permutation order).
         chosen.sort(key=lambda i: -self.lengths[i])
-        m = self.micro_batch_size
-        micro = [chosen[j : j + m] for j in range(0, len(chosen), m)]
+        micro = self._split(chosen)
         return micro[self.rank :: self.world_size]
+
+    def _split(self, chosen: list[int]) -> list[list[int]]:
+        """Cut the length-sorted global batch into micro-batches, a multiple of ``world_size`` of them."""
+        budget = self.micro_batch_tokens
+        if budget is None:
+            m = self.micro_batch_size
+            return [chosen[j : j + m] for j in range(0, len(chosen), m)]
+        micro: list[list[int]] = []
+        for i in chosen:  # longest first: a micro-batch's padded length is its first sequence's
+            if micro and (len(micro[-1]) + 1) * self.lengths[micro[-1][0]] <= budget:
+                micro[-1].append(i)
+            else:
+                micro.append([i])
+        while len(micro) % self.world_size:  # every rank must run the same number of micro-batches
+            k = max(range(len(micro)), key=lambda j: len(micro[j]))
+            half = (len(micro[k]) + 1) // 2
+            micro[k : k + 1] = [micro[k][:half], micro[k][half:]]
+        return micro
 
     @property
     def epoch_float(self) -> float:

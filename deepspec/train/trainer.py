@@ -2,8 +2,13 @@
 
 The :class:`Trainer` lists its whole inventory as typed attributes and builds it in one readable
 sequence in ``__init__`` (torchtitan's layout): distributed set-up -> target -> data -> features ->
-draft (+ parallel wrapper) -> optimizer + scheduler -> checkpointer (+ resume) -> metrics.
+draft (+ compile + parallel wrapper) -> optimizer + scheduler -> checkpointer (+ resume) -> metrics.
 ``train_step`` runs the micro-batches of one global batch (gradient accumulation), clips, steps.
+
+FSDP2 (``training.parallelism: fsdp2``) shards the draft with ``fully_shard``; with ``precision: bf16`` the gathered parameters are bf16 and gradients are reduced
+in fp32 (the sharded master weights and the optimizer state stay fp32). Checkpoints
+(:mod:`deepspec.train.checkpoint`) hold the full weights plus a DCP optimizer folder, so a run resumes
+bit-exactly on the same world size and resumes on another one.
 
 Launch: ``deepspec train -c RECIPE`` on one process, or ``torchrun --nproc-per-node N -m deepspec.cli
 train -c RECIPE``; the standard RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR variables select the
@@ -37,7 +42,7 @@ from deepspec.data.sequences import (
 from deepspec.devices import DistInfo, init_distributed
 from deepspec.layout import RunLayout
 from deepspec.target_model.model import TargetModel
-from deepspec.train.checkpoint import Checkpointer, latest_checkpoint, rng_state, set_rng_state
+from deepspec.train.checkpoint import Checkpointer, LoadedCheckpoint, set_rng_state
 from deepspec.train.features import FeatureSource, OfflineFeatures, OnlineFeatures
 from deepspec.train.metrics import MetricsLogger, peak_flops, tau_estimate
 
@@ -79,7 +84,8 @@ class StepStats:
 
     loss: float = 0.0
     micro: int = 0
-    tokens: int = 0
+    tokens: int = 0  # real (non-padding) tokens
+    padded: int = 0  # tokens including padding
     supervised: int = 0
     steps: int = 0
     grad_norm: float = 0.0
@@ -122,6 +128,7 @@ class Trainer:
     ):
         """``target`` / ``sequences`` may be given pre-built (benchmarks, tests); else the recipe's are loaded."""
         self.recipe = recipe
+        self.layout = RunLayout.from_recipe(recipe)
         tc = recipe.training
         self.progress = progress
         self.dist, self.device = init_distributed(device)
@@ -155,7 +162,7 @@ class Trainer:
         self.features = self._build_features()
         self.sampler = ResumableBatchSampler(
             self.features.lengths, tc.global_batch_size, tc.micro_batch_size,
-            self.dist.rank, self.dist.world_size, tc.seed,
+            self.dist.rank, self.dist.world_size, tc.seed, tc.micro_batch_tokens,
         )  # fmt: skip
         n = len(self.features.lengths)
         self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * n / tc.global_batch_size))
@@ -167,13 +174,13 @@ class Trainer:
         self._init_vocab_mapping()
 
         # 4. resume state (weights must be in place before FSDP2 shards them)
-        self.checkpointer = Checkpointer(tc.output_dir, self.dist.rank, self.dist.world_size, tc.keep_last,
-                                         barrier=self.dist.barrier)  # fmt: skip
-        ckpt = latest_checkpoint(tc.output_dir) if resume else None
-        trainer_state = None
+        self.checkpointer = Checkpointer(self.layout.checkpoints, self.dist.rank, self.dist.world_size,
+                                         tc.keep_last, self.dist.barrier, recipe.storage.s3_endpoint_url)  # fmt: skip
+        location = self.checkpointer.latest() if resume else None
+        ckpt = self.checkpointer.load(location) if location is not None else None
         if ckpt is not None:
-            weights, trainer_state = self.checkpointer.load(ckpt)
-            self.draft.load_state_dict(weights, strict=True)
+            self.draft.load_state_dict(ckpt.weights, strict=True)
+        self.compiled = self._compile(self.draft)
         self.model = self._wrap(self.draft)
 
         # 5. optimizer + schedule
@@ -191,13 +198,16 @@ class Trainer:
             self.optimizer, lr_lambda(warmup, self.total_steps, tc.min_lr_ratio)
         )
         self.step = 0
-        self.tokens_seen = 0
-        if trainer_state is not None:
-            self._restore(trainer_state)
-            log.info("resumed from %s at step %d", ckpt, self.step)
+        self.tokens_seen = 0  # real tokens of all ranks, up to the last log line or checkpoint
+        self._tokens_pending = 0  # this rank's real tokens since then
+        if ckpt is not None:
+            self._restore(ckpt)
+            log.info("resumed from %s at step %d", location, self.step)
 
-        # 6. metrics
-        self.metrics = MetricsLogger(tc.output_dir, enabled=self.dist.is_main)
+        # 6. metrics (S3 outputs: written locally, uploaded next to the checkpoints at each save)
+        self.log_dir = self.layout.work_dir(self.layout.checkpoints + "/logs") if self.checkpointer.remote \
+            else Path(self.layout.checkpoints)  # fmt: skip
+        self.metrics = MetricsLogger(self.log_dir, enabled=self.dist.is_main)
         self.autocast_dtype = (
             torch.bfloat16 if (self.device.type == "cuda" and tc.precision == "bf16") else None
         )
@@ -215,7 +225,7 @@ class Trainer:
         if r.features.mode == "offline":
             from deepspec.features.cache import FeatureCache, cache_identity
 
-            cache = FeatureCache(RunLayout.from_recipe(r).features or "", r.storage.s3_endpoint_url)
+            cache = FeatureCache(self.layout.features or "", r.storage.s3_endpoint_url)
             cache.validate(
                 cache_identity(r, self.target, self.tokenizer), needed_layer_ids=self.target.layer_ids
             )
@@ -241,15 +251,41 @@ class Trainer:
         d2t, t2d = build_vocab_mapping(counts, cfg.draft_vocab_size)
         self.draft.set_vocab_mapping(d2t.to(self.device), t2d.to(self.device))
 
+    def _compile(self, draft: nn.Module) -> list[str]:
+        """``torch.compile`` the draft's repeated blocks in place (names of the compiled modules).
+
+        Units: each decoder layer of DFlash/DSpark, and the MLP / RMSNorm blocks elsewhere (Eagle3 calls
+        its layer's parts one by one). Module names and state-dict keys are unchanged (``Module.compile``).
+        """
+        mode = self.recipe.training.compile
+        if mode == "off" or (mode == "auto" and self.device.type != "cuda"):
+            return []
+        from deepspec.models.layers import MLP, RMSNorm
+
+        layers = {id(m) for m in getattr(draft, "layers", [])}
+        done: list[str] = []
+        for name, module in draft.named_modules():
+            if any(name.startswith(d + ".") for d in done):
+                continue  # inside a compiled unit
+            if id(module) in layers or isinstance(module, (MLP, RMSNorm)):
+                module.compile()
+                done.append(name)
+        return done
+
     def _wrap(self, draft: nn.Module) -> nn.Module:
         if not self.dist.enabled:
             return draft
         if self.recipe.training.parallelism == "fsdp2":
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-            for layer in getattr(draft, "layers", []):
-                fully_shard(layer)
-            return fully_shard(draft)
+            mp = MixedPrecisionPolicy()  # fp32 parameters and reduction
+            if self.recipe.training.precision == "bf16":
+                mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            # One unit, the root: the drafts call parts of their layers outside the layers' own forward
+            # (DFlash projects each layer's context keys/values before running it; Eagle3 unrolls its
+            # layer step by step), where per-layer units would still be sharded. Parameters, gradients
+            # and optimizer state are sharded at rest; the full bf16 parameters exist during a step.
+            return fully_shard(draft, mp_policy=mp)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [self.device.index] if self.device.type == "cuda" else None
@@ -261,48 +297,84 @@ class Trainer:
         return {
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
-            "rng": rng_state(),
             "world_size": self.dist.world_size,
+            "parallelism": self.recipe.training.parallelism if self.dist.enabled else None,
         }
 
-    def _restore(self, state: dict[str, Any]) -> None:
-        if state["world_size"] != self.dist.world_size:
-            raise RuntimeError(
-                f"checkpoint was written by {state['world_size']} processes, now {self.dist.world_size}: "
-                "resume with the same world size for an exact resume"
-            )
+    def _restore(self, ckpt: LoadedCheckpoint) -> None:
+        """Counters, schedule, data position, optimizer (resharded by DCP) and this rank's RNG."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+        state = ckpt.trainer_state
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
+        optim = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+        dcp.load(optim, checkpoint_id=str(ckpt.optimizer_dir))
+        set_optimizer_state_dict(self.model, self.optimizer, optim["optimizer"])
+        if ckpt.rng is not None and state["world_size"] == self.dist.world_size:
+            set_rng_state(ckpt.rng)
+        else:  # another world size: same data and weights, fresh (seeded) randomness per rank
+            log.warning(
+                "checkpoint written by %d processes, resumed on %d: data order, weights and optimizer are "
+                "restored; random draws (e.g. anchors) are reseeded, so the run is not bit-identical",
+                state["world_size"],
+                self.dist.world_size,
+            )
+            torch.manual_seed(self.recipe.training.seed + 1_000_003 * self.step + self.dist.rank)
 
     def _full_weights(self) -> dict[str, torch.Tensor]:
-        """The draft's trainable weights in full (gathers FSDP2 shards; call on every rank)."""
-        sd = self.draft.trainable_state_dict()
-        return {
-            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in sd.items()
-        }
+        """The draft's weights in full on rank 0, fp32 on the CPU (gathers FSDP2 shards; call on every rank)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    def save(self) -> Path:
-        weights = self._full_weights()
-        config = dict(self.draft.draft_config()) if hasattr(self.draft, "draft_config") else {}
-        config["deepspec_training"] = {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "world_size": self.dist.world_size,
-            "recipe": self.recipe.model_dump(mode="json"),
-        }
-        path = self.checkpointer.save(
-            self.step, config, weights if self.dist.is_main else None, self._trainer_state()
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.model, options=options)
+
+    def _write_optimizer(self, folder: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        dcp.save(
+            {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}, checkpoint_id=str(folder)
         )
+
+    def save(self) -> str:
+        self._sync_tokens()
+        weights = self._full_weights()
+        config = None
+        if self.dist.is_main:
+            config = dict(self.draft.draft_config()) if hasattr(self.draft, "draft_config") else {}
+            config["deepspec_training"] = {
+                "step": self.step,
+                "tokens_seen": self.tokens_seen,
+                "world_size": self.dist.world_size,
+                "recipe": self.recipe.model_dump(mode="json"),
+            }
+        path = self.checkpointer.save(
+            self.step,
+            config,
+            weights if self.dist.is_main else None,
+            self._trainer_state() if self.dist.is_main else None,
+            self._write_optimizer,
+        )
+        if self.dist.is_main:
+            self.checkpointer.upload_logs(self.log_dir)
         pause = os.environ.get(PAUSE_ENV)
         if pause and int(pause) == self.step:
             threading.Event().wait()  # blocked until killed (testing aid, see PAUSE_ENV)
         return path
+
+    def _sync_tokens(self) -> None:
+        """Add every rank's real tokens since the last sync to ``tokens_seen`` (call on every rank)."""
+        pending = torch.tensor([self._tokens_pending], dtype=torch.int64)
+        if self.dist.enabled:
+            pending = pending.to(self.device)
+            dist.all_reduce(pending)
+        self.tokens_seen += int(pending.item())
+        self._tokens_pending = 0
 
     # ---- steps ----------------------------------------------------------------------------------
 
@@ -323,7 +395,10 @@ class Trainer:
             (out.loss * scale).backward()
         stats.loss += float(out.loss.detach())
         stats.micro += 1
-        stats.tokens += int(batch.attention_mask.sum())
+        real = int(batch.attention_mask.sum())
+        stats.tokens += real
+        stats.padded += batch.attention_mask.numel()
+        self._tokens_pending += real
         stats.supervised += int((batch.loss_mask.bool() & batch.attention_mask.bool()).sum())
         for k, v in out.metrics.items():
             stats.metrics[k] = stats.metrics.get(k, 0.0) + float(v)
@@ -350,9 +425,9 @@ class Trainer:
     def _reduce(self, stats: StepStats) -> dict[str, Any]:
         keys = sorted(stats.metrics)
         g = 0 if stats.acceptance is None else stats.acceptance.numel()
+        head = [stats.loss, stats.micro, stats.tokens, stats.supervised, stats.padded]
         vec = torch.tensor(
-            [stats.loss, stats.micro, stats.tokens, stats.supervised, *[stats.metrics[k] for k in keys]]
-            + (stats.acceptance.tolist() if g else []),
+            head + [stats.metrics[k] for k in keys] + (stats.acceptance.tolist() if g else []),
             dtype=torch.float64,
         )
         if self.dist.enabled:
@@ -364,23 +439,27 @@ class Trainer:
             "loss": vec[0].item() / micro,
             "tokens": int(vec[2].item()),
             "supervised_tokens": int(vec[3].item()),
+            "padding_fraction": 1.0 - vec[2].item() / max(vec[4].item(), 1.0),
         }
+        n = len(head)
         for i, k in enumerate(keys):
-            out[k] = vec[4 + i].item() / micro
+            out[k] = vec[n + i].item() / micro
         if g:
-            acc = vec[4 + len(keys) :].float() / micro
+            acc = vec[n + len(keys) :].float() / micro
             out["tau"] = tau_estimate(acc)
             out["acceptance"] = [round(a, 4) for a in acc.tolist()]
         return out
 
     def _log(self, stats: StepStats, bar: Any) -> None:
         values = self._reduce(stats)
+        self._sync_tokens()
         dt = max(stats.time, 1e-9)
         tok_s = values["tokens"] / dt
         values.update(
             lr=self.scheduler.get_last_lr()[0],
             grad_norm=stats.grad_norm / max(stats.steps, 1),
             tokens_per_s=tok_s,
+            tokens_seen=self.tokens_seen,
             step_time_s=dt / max(stats.steps, 1),
             epoch=self.sampler.epoch_float,
         )
@@ -391,6 +470,8 @@ class Trainer:
         self.metrics.log(self.step, values)
         if bar is not None:
             post = {"loss": f"{values['loss']:.3f}", "tok/s": f"{tok_s:,.0f}"}
+            if "mfu" in values:
+                post["mfu"] = f"{100 * values['mfu']:.1f}%"
             if "tau" in values:
                 post["tau"] = f"{values['tau']:.2f}"
             bar.set_postfix(post)
@@ -414,7 +495,6 @@ class Trainer:
             t0 = time.perf_counter()
             self.train_step(stats)
             stats.time += time.perf_counter() - t0
-            self.tokens_seen += stats.tokens
             if bar is not None:
                 bar.update(1)
             if self.step % tc.log_every == 0 or self.step == self.total_steps:

@@ -87,3 +87,49 @@ def test_warmup_cosine():
     assert f(12) == pytest.approx(0.55)
     assert f(20) == pytest.approx(0.1)
     assert all(f(i) >= f(i + 1) for i in range(4, 20))
+
+
+def test_token_budget_micro_batches():
+    g = __import__("torch").Generator().manual_seed(0)
+    lengths = __import__("torch").randint(5, 60, (64,), generator=g).tolist()
+    budget = 120
+    for world in (1, 2, 4):
+        ranks = [
+            ResumableBatchSampler(lengths, 16, 1, r, world, seed=1, micro_batch_tokens=budget)
+            for r in range(world)
+        ]
+        for _ in range(6):  # crosses an epoch (64 sequences, 16 per step)
+            per_rank = [s.next_global_batch() for s in ranks]
+            # FSDP2 gathers weights in every forward: all ranks run the same number of micro-batches
+            assert len({len(mbs) for mbs in per_rank}) == 1
+            flat = [i for mbs in per_rank for mb in mbs for i in mb]
+            assert len(flat) == len(set(flat)) == 16  # the whole global batch, each sequence once
+            for mb in (mb for mbs in per_rank for mb in mbs):
+                padded = len(mb) * max(lengths[i] for i in mb)
+                assert padded <= budget or len(mb) == 1, (mb, padded)
+    # the global batch (which sequences a step takes) does not depend on the world size or the budget
+    fixed = ResumableBatchSampler(lengths, 16, 4, seed=1)
+    two = [ResumableBatchSampler(lengths, 16, 1, r, 2, seed=1, micro_batch_tokens=budget) for r in range(2)]
+    for _ in range(5):
+        a = sorted(i for mb in fixed.next_global_batch() for i in mb)
+        b = sorted(i for s in two for mb in s.next_global_batch() for i in mb)
+        assert a == b
+    with pytest.raises(ValueError, match="multiple of the 4 processes"):
+        ResumableBatchSampler(lengths, 6, 1, world_size=4, micro_batch_tokens=budget)
+
+
+def test_token_budget_fills_micro_batches_with_little_padding():
+    """Length-sorted global batches cut by a token budget: few, full micro-batches, little padding.
+
+    Measured for this seeded draw: 5.3 % padding in 6 micro-batches of up to 8,192 padded tokens (the
+    same 256 sequences in random order, 43 to a micro-batch, pad about 25 %)."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(115, 240, (512,), generator=g).tolist()  # GSM8K-like: mean ~177 +- 35%
+    sampler = ResumableBatchSampler(lengths, 256, 1, seed=0, micro_batch_tokens=8192)
+    micro = sampler.next_global_batch()
+    real = sum(lengths[i] for mb in micro for i in mb)
+    padded = sum(len(mb) * max(lengths[i] for i in mb) for mb in micro)
+    assert 1 - real / padded < 0.06
+    assert len(micro) <= -(-padded // 8192) + 1  # close to the fewest micro-batches the budget allows
