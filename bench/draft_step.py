@@ -31,7 +31,7 @@ from deepspec.testing.shapes import SHAPES, random_target
 
 
 def make_batch(target, batch: int, seq: int, device: torch.device):
-    from deepspec.models.common import DraftBatch
+    from deepspec.models.draft import DraftBatch
 
     ids = torch.randint(10, target.vocab_size, (batch, seq), device=device)
     attn = torch.ones_like(ids)
@@ -66,11 +66,11 @@ def cpu_peak_bytes(fn) -> tuple[int, object]:
 
 
 def bench_algorithm(args, algorithm: str, device: torch.device, backend: str = "auto") -> dict:
-    from deepspec.config import DraftModelConfig
+    from deepspec.config import draft_model_config
     from deepspec.models import build_draft
 
     target = random_target(args.shape, device, algorithm)
-    draft = build_draft(DraftModelConfig(algorithm=algorithm), target)
+    draft = build_draft(draft_model_config(algorithm=algorithm), target)
     if hasattr(draft, "attention_backend"):
         draft.attention_backend = backend
     if args.loss_chunk_mib is not None and hasattr(draft, "loss_chunk_bytes"):

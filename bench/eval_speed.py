@@ -47,7 +47,7 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_algorithm(args: argparse.Namespace, algorithm: str) -> dict:
-    from deepspec.config import DraftModelConfig
+    from deepspec.config import draft_model_config
     from deepspec.eval.engine import EngineConfig, SpeculativeEngine
     from deepspec.eval.metrics import AcceptanceStats
     from deepspec.eval.scheduler import profile_cost_curve
@@ -59,7 +59,7 @@ def bench_algorithm(args: argparse.Namespace, algorithm: str) -> dict:
         draft = load_draft(args.checkpoint, target)
     else:
         torch.manual_seed(0)
-        draft = build_draft(DraftModelConfig(algorithm=algorithm), target)
+        draft = build_draft(draft_model_config(algorithm=algorithm), target)
     draft.to(dtype=target.lm_head.weight.dtype).eval()
     cfg = EngineConfig(num_proposals=args.num_proposals, temperature=0.0, max_new_tokens=args.new_tokens)
     engine = SpeculativeEngine(target, draft.as_drafter(target), cfg)

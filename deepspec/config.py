@@ -14,10 +14,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Algorithm = Literal["eagle3", "dflash", "dspark"]
 
@@ -160,33 +170,140 @@ class FeaturesConfig(StrictModel):
     )
 
 
-class DraftModelConfig(StrictModel):
-    """Draft architecture. Dimensions not listed here are read from the target config."""
+class DraftCommonConfig(StrictModel):
+    """Settings of every draft algorithm. Dimensions not listed here are read from the target config.
+
+    ``draft`` is a union keyed on ``algorithm`` (:data:`DraftModelConfig`): each algorithm's model lists only
+    the settings that apply to it, so e.g. ``ttt_steps`` on a DFlash recipe is an error naming the field.
+    """
 
     algorithm: Algorithm = Field("eagle3", description="Draft algorithm.")
     num_layers: int | None = Field(
         None, ge=1, description="Draft decoder layers (default: eagle3 1, dflash/dspark 5)."
     )
     target_layer_ids: list[int] | None = Field(
-        None, description="0-based target layers whose outputs are features (default: chosen per algorithm)."
+        None,
+        description=(
+            "0-based target layers whose outputs are features, ascending and without repeats (the engines "
+            "capture each layer once, in ascending order); default: chosen per algorithm."
+        ),
     )
-    ttt_steps: int = Field(7, ge=1, description="Eagle3 training-time-test unroll length.")
-    ttt_decay: float = Field(0.8, gt=0, le=1.0, description="Eagle3 loss weight per unroll step (decay^k).")
+
+    @field_validator("target_layer_ids")
+    @classmethod
+    def _sorted_unique_layer_ids(cls, ids: list[int] | None) -> list[int] | None:
+        if ids is None:
+            return None
+        if not ids or min(ids) < 0:
+            raise ValueError(f"target_layer_ids {ids} must be a non-empty list of layer indices >= 0")
+        if list(ids) != sorted(set(ids)):
+            raise ValueError(
+                f"target_layer_ids {ids} must be ascending without repeats: SGLang and vLLM capture each "
+                f"target layer once, in ascending order, so any other order feeds the draft misaligned "
+                f"features; use {sorted(set(ids))}"
+            )
+        return ids
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_this_algorithms_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        algorithm = data.get("algorithm", "eagle3")
+        owners = _draft_field_owners()
+        for key in data:
+            if key not in cls.model_fields and key in owners:
+                raise ValueError(
+                    f"draft.{key} does not apply to algorithm {algorithm!r} (it is a setting of "
+                    f"{' and '.join(owners[key])}); remove it from the recipe"
+                )
+        return data
+
+
+class Eagle3DraftConfig(DraftCommonConfig):
+    """Eagle3: one autoregressive layer trained with training-time test."""
+
+    algorithm: Literal["eagle3"] = Field("eagle3", description="Draft algorithm.")
+    ttt_steps: int = Field(7, ge=1, description="Training-time-test unroll length.")
+    ttt_decay: float = Field(0.8, gt=0, le=1.0, description="Loss weight per unroll step (decay^k).")
     draft_vocab_size: int | None = Field(
-        None, ge=2, description="Eagle3 reduced draft vocabulary (None = full target vocabulary)."
+        None, ge=2, description="Reduced draft vocabulary (None = full target vocabulary)."
     )
+
+
+class DFlashDraftConfig(DraftCommonConfig):
+    """DFlash: a parallel block drafter in the serving engines' slot convention."""
+
+    algorithm: Literal["dflash"] = Field("dflash", description="Draft algorithm.")
     block_size: int = Field(
-        7, ge=2, description="DFlash/DSpark block length gamma (anchor + gamma-1 mask tokens)."
+        8,
+        ge=2,
+        description=(
+            "Block length as SGLang/vLLM mean it: the anchor + block_size-1 mask tokens; mask slot j predicts "
+            "the token at anchor+j, so a block proposes block_size-1 tokens."
+        ),
     )
-    num_anchors: int = Field(512, ge=1, description="DFlash/DSpark anchors sampled per training sequence.")
-    loss_decay: float = Field(4.0, gt=0, description="DFlash/DSpark slot weight exp(-k/loss_decay).")
-    markov_head: Literal["vanilla", "rnn", "none"] = Field("vanilla", description="DSpark sequential head.")
-    markov_rank: int = Field(256, ge=1, description="DSpark Markov head rank r.")
-    confidence_head: bool = Field(True, description="DSpark per-slot acceptance predictor.")
+    num_anchors: int = Field(512, ge=1, description="Anchors sampled per training sequence.")
+    loss_decay: float = Field(
+        4.0, gt=0, description="Weight exp(-i/loss_decay) of the block's i-th prediction (i = 0, 1, ...)."
+    )
+
+
+class DSparkDraftConfig(DFlashDraftConfig):
+    """DSpark: the DFlash backbone (every slot k predicts anchor+k+1) plus Markov and confidence heads."""
+
+    algorithm: Literal["dspark"] = Field("dspark", description="Draft algorithm.")  # type: ignore[assignment]
+    block_size: int = Field(
+        7,
+        ge=2,
+        description="Block length: the anchor + block_size-1 mask tokens; every slot predicts the next token.",
+    )
+    markov_head: Literal["vanilla", "rnn", "none"] = Field(
+        "vanilla", description="Sequential head (SGLang and vLLM serve 'vanilla'; export refuses the others)."
+    )
+    markov_rank: int = Field(256, ge=1, description="Markov head rank r.")
+    confidence_head: bool = Field(True, description="Per-slot acceptance predictor.")
     loss_weights: dict[str, float] = Field(
         default_factory=lambda: {"ce": 0.1, "l1": 0.9, "bce": 1.0},
-        description="DSpark loss weights for CE, L1(p_draft - p_target) and confidence BCE.",
+        description="Loss weights for CE, L1(p_draft - p_target) and confidence BCE.",
     )
+
+
+DRAFT_CONFIGS: dict[str, type[DraftCommonConfig]] = {
+    "eagle3": Eagle3DraftConfig,
+    "dflash": DFlashDraftConfig,
+    "dspark": DSparkDraftConfig,
+}
+
+
+def _draft_field_owners() -> dict[str, list[str]]:
+    """Algorithm-specific setting -> the algorithms that have it."""
+    owners: dict[str, list[str]] = {}
+    for name, model in DRAFT_CONFIGS.items():
+        for key in model.model_fields:
+            if key not in DraftCommonConfig.model_fields:
+                owners.setdefault(key, []).append(name)
+    return owners
+
+
+def _draft_algorithm(data: Any) -> str:
+    """The union tag: ``algorithm``, eagle3 when absent (the recipe default)."""
+    value = data.get("algorithm", "eagle3") if isinstance(data, dict) else getattr(data, "algorithm", "eagle3")
+    return str(value)
+
+
+DraftModelConfig = Annotated[
+    Annotated[Eagle3DraftConfig, Tag("eagle3")]
+    | Annotated[DFlashDraftConfig, Tag("dflash")]
+    | Annotated[DSparkDraftConfig, Tag("dspark")],
+    Discriminator(_draft_algorithm),
+]
+_DRAFT_ADAPTER: TypeAdapter[Any] = TypeAdapter(DraftModelConfig)
+
+
+def draft_model_config(data: dict[str, Any] | None = None, **fields: Any) -> DraftModelConfig:
+    """Validate draft settings (a dict and/or keywords) into the model of their ``algorithm``."""
+    return _DRAFT_ADAPTER.validate_python({**(data or {}), **fields})
 
 
 class TrainingConfig(StrictModel):
@@ -298,7 +415,7 @@ class Recipe(StrictModel):
     data: DataConfig = Field(default_factory=DataConfig)
     regeneration: RegenerationConfig = Field(default_factory=RegenerationConfig)
     features: FeaturesConfig = Field(default_factory=FeaturesConfig)
-    draft: DraftModelConfig = Field(default_factory=DraftModelConfig)
+    draft: DraftModelConfig = Field(default_factory=Eagle3DraftConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
@@ -325,12 +442,18 @@ class RecipeError(ValueError):
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"invalid recipe {source}:"]
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        parts = [str(p) for p in e["loc"]]
+        if parts[:1] == ["draft"] and parts[1:2] and parts[1] in DRAFT_CONFIGS:
+            parts.pop(1)  # the union tag (draft.dflash.x): the recipe key is draft.x
+        loc = ".".join(parts) or "<root>"
+        got = e.get("input")
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check spelling; see `deepspec recipe schema`)"
+        elif e["type"] == "union_tag_invalid" and parts == ["draft"]:
+            loc, msg = "draft.algorithm", f"must be one of {', '.join(DRAFT_CONFIGS)}"
+            got = e["ctx"]["tag"]
         else:
             msg = e["msg"]
-        got = e.get("input")
         shown = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {loc}: {msg}{shown}")
     return "\n".join(lines)

@@ -20,7 +20,13 @@ SMOKE_PROMPTS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_recipe_arguments(parser)
-    parser.add_argument("--checkpoint", required=True, help="step_<N> folder or training output dir (latest)")
+    parser.add_argument("--checkpoint", help="step_<N> folder or training output dir (latest)")
+    parser.add_argument(
+        "--check",
+        nargs=2,
+        metavar=("ENGINE", "DIR"),
+        help="only check an export folder against sglang's or vllm's rules (no recipe or checkpoint needed)",
+    )
     parser.add_argument(
         "--format", choices=["sglang", "vllm"], help="serving engine (default: export.format)"
     )
@@ -32,12 +38,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--smoke-tokens", type=int, default=32, help="new tokens per smoke prompt")
 
 
+class _SmokeRefused(RuntimeError):
+    pass
+
+
+def check(engine: str, path: str) -> int:
+    """``deepspec export --check ENGINE DIR``: 0 when every rule of the engine passes, else 4."""
+    from deepspec.export.engines import ConformanceError, check_export
+
+    try:
+        violations = check_export(path, engine)
+    except ConformanceError as e:
+        print(f"error: {e}")
+        return 4
+    for v in violations:
+        print(f"FAIL {v}")
+    if violations:
+        print(
+            f"{path}: {len(violations)} {engine} rule(s) broken: the engine would refuse or misread this draft"
+        )
+        return 4
+    print(f"{path}: passes every {engine} rule")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.check:
+        return check(*args.check)
+    if not args.checkpoint:
+        print("error: deepspec export needs --checkpoint (or --check ENGINE DIR)")
+        return 2
     from deepspec.config import load_recipe
     from deepspec.data.template import render_prompt, template_kwargs
     from deepspec.eval.checkpoints import load_target_and_draft, load_tokenizer, local_path
     from deepspec.eval.runner import stop_token_ids
-    from deepspec.export.exporter import export_draft, smoke_accept_length
+    from deepspec.export.exporter import export_draft, smoke_test
 
     recipe = load_recipe(args.config, args.overrides)
     fmt = args.format or recipe.export.format
@@ -47,30 +82,38 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(target)
     kwargs = template_kwargs(recipe.regeneration, thinking=recipe.evaluation.thinking)
     prompts = [render_prompt(tokenizer, [{"role": "user", "content": p}], kwargs) for p in SMOKE_PROMPTS]
-    tau = smoke_accept_length(
-        target,
-        draft,
-        prompts,
-        max_new_tokens=args.smoke_tokens,
-        num_proposals=recipe.evaluation.num_proposals,
-        stop_token_ids=stop_token_ids(tokenizer, target.config),
-    )
     floor = recipe.export.min_smoke_accept_length
-    print(f"smoke test: accepted length {tau:.3f} over {len(prompts)} greedy prompts (floor {floor})")
-    if tau < floor and not force:
-        print(
-            f"error: refusing to export {ckpt}: smoke accepted length {tau:.3f} < export.min_smoke_accept_length "
-            f"{floor} (an untrained or broken draft); pass --force to export anyway"
-        )
-        return 3
+
+    def gate(folder: Path) -> dict:
+        result = smoke_test(
+            target, draft, folder, fmt, prompts,
+            max_new_tokens=args.smoke_tokens,
+            num_proposals=recipe.evaluation.num_proposals,
+            stop_token_ids=stop_token_ids(tokenizer, target.config),
+        )  # fmt: skip
+        print(result.describe(floor))
+        if not result.passed(floor) and not force:
+            raise _SmokeRefused(result.describe(floor))
+        return {
+            "smoke_accept_length": round(result.accept_length, 4),
+            "smoke_engine_agreement": round(result.agreement, 4),
+            "forced": not result.passed(floor),
+        }
+
     provenance = {
         "format": fmt,
         "source_checkpoint": str(ckpt),
         "target": recipe.target.model,
         "target_revision": recipe.target.revision,
-        "smoke_accept_length": round(tau, 4),
-        "forced": bool(tau < floor),
     }
-    path = export_draft(draft, out, fmt, provenance)
-    print(f"exported {draft.algorithm} ({fmt}) to {path}: validated names, shapes and config fields")
+    try:
+        path = export_draft(draft, out, fmt, provenance, gate=gate, target_model=recipe.target.model)
+    except _SmokeRefused:
+        print(
+            f"error: refusing to export {ckpt}: below export.min_smoke_accept_length {floor} or the {fmt} "
+            f"drafter disagrees with ours (an untrained or broken draft); pass --force to export anyway"
+        )
+        return 3
+    print(f"exported {draft.algorithm} ({fmt}) to {path}: passes every {fmt} rule. Serve it with:")
+    print("  " + (path / "README.md").read_text(encoding="utf-8").split("```\n")[1].strip())
     return 0

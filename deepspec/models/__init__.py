@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import torch
-
     from deepspec.config import DraftModelConfig
-    from deepspec.models.common import DraftBatch, DraftModel, DraftOutput
+    from deepspec.models.draft import DraftBatch, DraftModel, DraftOutput
     from deepspec.target_model.model import TargetModel
 
 __all__ = ["DraftBatch", "DraftModel", "DraftOutput", "build_draft", "load_draft"]
@@ -25,20 +23,19 @@ def build_draft(
     cfg: DraftModelConfig,
     target: TargetModel,
     *,
-    token_counts: torch.Tensor | None = None,
     mask_token_id: int | None = None,
 ) -> DraftModel:
     """A freshly initialised draft of ``cfg.algorithm`` sized from ``target`` (fp32 on the target's device).
 
-    token_counts: Eagle3 with a reduced ``draft_vocab_size``: token frequencies [V] of the regenerated data
-    (see :func:`deepspec.models.eagle3.count_tokens`); without them the first ids are a placeholder
-    mapping until :meth:`~deepspec.models.eagle3.Eagle3Draft.set_vocab_mapping` is called.
+    Eagle3 with a reduced ``draft_vocab_size`` holds a placeholder mapping (the first ids) until
+    :meth:`~deepspec.models.eagle3.Eagle3Draft.set_vocab_mapping` installs the one
+    :func:`~deepspec.models.eagle3.build_vocab_mapping` makes from the data's token counts.
     mask_token_id: DFlash/DSpark reserved mask token (default: see ``dflash.default_mask_token_id``).
     """
     if cfg.algorithm == "eagle3":
         from deepspec.models.eagle3 import Eagle3Draft
 
-        return Eagle3Draft(cfg, target, token_counts=token_counts)
+        return Eagle3Draft(cfg, target)
     if cfg.algorithm == "dflash":
         from deepspec.models.dflash import DFlashDraft
 
@@ -66,11 +63,11 @@ def load_draft(checkpoint_dir: str | Path, target: TargetModel) -> DraftModel:
     """Rebuild a draft from ``config.json`` + ``model.safetensors`` and check every tensor name and shape."""
     from safetensors.torch import load_file
 
-    from deepspec.config import DraftModelConfig
+    from deepspec.config import draft_model_config
 
     data = read_draft_config(checkpoint_dir)
     section = data["deepspec"]
-    cfg = DraftModelConfig.model_validate(section["draft"])
+    cfg = draft_model_config(section["draft"])
     if list(section.get("target_layer_ids", target.layer_ids)) != list(target.layer_ids):
         raise ValueError(
             f"draft in {checkpoint_dir} was trained on target layers {section['target_layer_ids']}, but the "
@@ -99,7 +96,7 @@ def load_draft(checkpoint_dir: str | Path, target: TargetModel) -> DraftModel:
 
 def __getattr__(name: str) -> Any:  # lazy re-exports of the shared types
     if name in ("DraftBatch", "DraftOutput", "DraftModel"):
-        from deepspec.models import common
+        from deepspec.models import draft
 
-        return getattr(common, name)
+        return getattr(draft, name)
     raise AttributeError(name)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -70,3 +71,17 @@ class SpeculativeDrafter(Protocol):
         At ``temperature == 0`` proposals are the argmax; otherwise tokens are sampled with
         ``generator`` (seeded per prompt by the engine).
         """
+
+
+def sample_from_logits(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [n, V] -> (tokens [n], probs [n, V] fp32). T = 0: argmax with one-hot rows."""
+    logits = logits.float()
+    if temperature <= 0:
+        tokens = logits.argmax(-1)
+        probs = F.one_hot(tokens, logits.shape[-1]).float()
+        return tokens, probs
+    probs = torch.softmax(logits / temperature, dim=-1)
+    tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return tokens, probs

@@ -7,12 +7,19 @@ Weight layout follows SGLang's ``DFlashDraftModel`` (no embedding / LM head: bot
     layers.{i}.post_attention_layernorm, layers.{i}.mlp.{gate,up,down}_proj
     norm                     final RMSNorm before the target's LM head
 
-A block for anchor position a is ``[x_a, MASK x (gamma-1)]`` at RoPE positions a..a+gamma-1; slot k predicts
-token a+k+1 (all gamma slots predict). In every layer, queries come from the block only, and
-``K = [W_k ctx_{<a} ; W_k h_block]`` (same for V): block tokens attend bidirectionally within their block
-and to the context strictly before the anchor. Training packs many anchors of a sequence into one pass
-with a block attention mask (flex attention on CUDA when available, SDPA with a dense boolean mask
-otherwise). Loss: cross-entropy weighted exp(-k/loss_decay) on the supervised prefix of each block.
+A block for anchor position a is ``[x_a, MASK x (block_size-1)]`` at RoPE positions a..a+block_size-1, the
+serving engines' layout. **Slot convention** (what SGLang and vLLM run for ``DFlashDraftModel``): slot 0, the
+anchor, is not predicted; mask slot j = 1..block_size-1 predicts the token *at* its own position a+j, so one
+block proposes block_size-1 tokens (SGLang ``speculative/dflash_worker.py`` samples ``draft_hidden[:, 1:]``;
+vLLM ``v1/spec_decode/utils.py`` samples the query offsets > 0; see :mod:`deepspec.export.engines`).
+DSpark (:mod:`deepspec.models.dspark`) shares the backbone with its own convention: every slot k predicts
+a+k+1, the anchor slot included (:attr:`DFlashDraft.anchor_predicts`).
+
+In every layer, queries come from the block only, and ``K = [W_k ctx_{<a} ; W_k h_block]`` (same for V):
+block tokens attend bidirectionally within their block and to the context strictly before the anchor.
+Training packs many anchors of a sequence into one pass with a block attention mask (flex attention on CUDA
+when available, SDPA with a dense boolean mask otherwise). Loss: cross-entropy weighted exp(-i/loss_decay)
+on the supervised prefix of each block's predictions i = 0, 1, ... (token a+i+1).
 """
 
 from __future__ import annotations
@@ -24,23 +31,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from deepspec.models.base import Proposal
-from deepspec.models.common import (
+from deepspec.models.base import Proposal, sample_from_logits
+from deepspec.models.draft import DraftBatch, DraftModel, DraftOutput
+from deepspec.models.layers import (
     MLP,
     Attention,
-    DraftBatch,
     DraftDims,
-    DraftModel,
-    DraftOutput,
     KVCache,
     RMSNorm,
     RotaryEmbedding,
-    VocabLossTerms,
-    position_acceptance,
-    sample_from_logits,
     sdpa,
     text_config,
 )
+from deepspec.models.vocab_loss import VocabLossTerms, position_acceptance
 
 if TYPE_CHECKING:
     from deepspec.config import DraftModelConfig
@@ -174,13 +177,13 @@ def default_mask_token_id(config: Any) -> int:
 
 @dataclass
 class BlockForward:
-    """Backbone outputs of packed blocks."""
+    """Backbone outputs of packed blocks, one row per *prediction* i = 0..P-1 (P = proposals per block)."""
 
-    hidden: torch.Tensor  # [B, N, gamma, H] final normed hidden (LM-head input)
-    labels: torch.Tensor  # [B, N, gamma] token a+k+1 (0 outside the sequence)
-    prev_tokens: torch.Tensor  # [B, N, gamma] token a+k (the input of slot k's sequential head)
-    target_pos: torch.Tensor  # [B, N, gamma] position a+k (target logits there predict a+k+1)
-    valid: torch.Tensor  # [B, N, gamma] bool: supervised prefix of each block
+    hidden: torch.Tensor  # [B, N, P, H] final normed hidden (LM-head input) of the slot predicting a+i+1
+    labels: torch.Tensor  # [B, N, P] token a+i+1 (0 outside the sequence)
+    prev_tokens: torch.Tensor  # [B, N, P] token a+i (the input of prediction i's sequential head)
+    target_pos: torch.Tensor  # [B, N, P] position a+i (target logits there predict a+i+1)
+    valid: torch.Tensor  # [B, N, P] bool: supervised prefix of each block
     anchor_valid: torch.Tensor  # [B, N] bool: real anchors (not padding)
 
 
@@ -191,6 +194,9 @@ class BlockForward:
 
 class DFlashDraft(DraftModel):
     algorithm = "dflash"
+    #: False (DFlash, the engines' convention): slot 0 is the anchor and is not predicted, mask slot j predicts
+    #: the token at a+j. True (DSpark): every slot k, the anchor's included, predicts a+k+1.
+    anchor_predicts = False
 
     def __init__(self, cfg: DraftModelConfig, target: TargetModel, mask_token_id: int | None = None):
         super().__init__(cfg, target)
@@ -211,6 +217,20 @@ class DFlashDraft(DraftModel):
         self.rotary = RotaryEmbedding(d.head_dim, d.rope_parameters, target.config)
         self.attention_backend = "auto"  # "auto" (flex on CUDA) | "sdpa" | "flex"
         self.to(target.lm_head.weight.device)
+
+    @property
+    def first_predicting_slot(self) -> int:
+        return 0 if self.anchor_predicts else 1
+
+    @property
+    def slot_convention(self) -> str:
+        """What each block slot was trained to predict, recorded in exports (checked against the engines)."""
+        return "slot k predicts anchor+k+1" if self.anchor_predicts else "mask slot j predicts anchor+j"
+
+    @property
+    def proposals_per_block(self) -> int:
+        """Tokens one block proposes: block_size - 1 for DFlash, block_size for DSpark."""
+        return self.block_size - self.first_predicting_slot
 
     # ---- backbone ---------------------------------------------------------------------------------
 
@@ -262,28 +282,32 @@ class DFlashDraft(DraftModel):
                 _FLEX = False
         if out is None:
             out = run_layers(build_block_mask(anchors, t, g)[:, None])  # mask [B, 1, Nq, T + Nq]
-        hidden = self.norm(out).view(b, n, g, -1)
+        first = self.first_predicting_slot
+        hidden = self.norm(out).view(b, n, g, -1)[:, :, first:]  # [B, N, P, H]
 
-        # labels and the supervised prefix: slot k counts iff tokens a+1..a+k+1 are all supervised
-        lab_pos = pos + 1
+        # prediction i reads slot first+i and predicts token a+i+1; it counts iff a+1..a+i+1 are all supervised
+        p = g - first
+        prev_pos = anchors[:, :, None] + torch.arange(p, device=dev)  # [B, N, P] positions a+i
+        lab_pos = prev_pos + 1
         inside = lab_pos < t
-        lab_pos_c = lab_pos.clamp(max=t - 1).view(b, n * g)
-        labels = batch.input_ids.gather(1, lab_pos_c).view(b, n, g).masked_fill(~inside, 0)
-        sup = batch.supervised().gather(1, lab_pos_c).view(b, n, g) & inside
+        lab_pos_c = lab_pos.clamp(max=t - 1).view(b, n * p)
+        labels = batch.input_ids.gather(1, lab_pos_c).view(b, n, p).masked_fill(~inside, 0)
+        sup = batch.supervised().gather(1, lab_pos_c).view(b, n, p) & inside
         valid = sup.long().cumprod(dim=-1).bool() & anchor_valid[:, :, None]
-        prev = batch.input_ids.gather(1, pos.clamp(max=t - 1).view(b, n * g)).view(b, n, g)
+        prev_c = prev_pos.clamp(max=t - 1)
+        prev = batch.input_ids.gather(1, prev_c.view(b, n * p)).view(b, n, p)
         return BlockForward(
             hidden=hidden,
             labels=labels,
             prev_tokens=prev,
-            target_pos=pos.clamp(max=t - 1),
+            target_pos=prev_c,
             valid=valid,
             anchor_valid=anchor_valid,
         )
 
     def slot_weights(self, valid: torch.Tensor) -> torch.Tensor:
-        """exp(-k / loss_decay) on the supervised prefix, 0 elsewhere. valid: [..., gamma]."""
-        k = torch.arange(self.block_size, device=valid.device, dtype=torch.float32)
+        """exp(-i / loss_decay) on the supervised prefix, 0 elsewhere. valid: [..., P]."""
+        k = torch.arange(valid.shape[-1], device=valid.device, dtype=torch.float32)
         return torch.exp(-k / self.cfg.loss_decay) * valid.float()
 
     def target_rows(
@@ -345,16 +369,18 @@ class DFlashDraft(DraftModel):
                     "mask_token_id": self.mask_token_id,
                     "block_size": self.block_size,
                 },
-                "deepspec": {**self.deepspec_section(), "mask_token_id": self.mask_token_id},
+                "deepspec": {
+                    **self.deepspec_section(),
+                    "mask_token_id": self.mask_token_id,
+                    "slot_convention": self.slot_convention,
+                },
             }
         )
         return cfg
 
     def as_drafter(self, target: TargetModel | None = None) -> DFlashDrafter:
-        from deepspec.models.eagle3 import _check_same_target
-
-        if target is not None and target is not self.target:
-            _check_same_target(self, target)
+        if target is not None:
+            self.check_same_target(target)
         return DFlashDrafter(self)
 
 
@@ -390,7 +416,7 @@ class DFlashDrafter:
 
     @torch.no_grad()
     def block_hidden(self, anchor: int) -> torch.Tensor:
-        """Final normed hidden states [gamma, H] of the block [anchor, MASK...] after the cached context."""
+        """Final normed hidden states [P, H] of the predicting slots of the block [anchor, MASK...]."""
         m = self.model
         dev = m.param_device
         g = m.block_size
@@ -401,16 +427,16 @@ class DFlashDrafter:
         rope = m.rotary(torch.arange(start, start + g, device=dev))
         for i, layer in enumerate(m.layers):
             h = layer(h, rope, self.cache.get(i), None)
-        return m.norm(h)[0]
+        return m.norm(h)[0, m.first_predicting_slot :]
 
     def block_logits(self, anchor: int) -> torch.Tensor:
-        """Logits [gamma, V] of every slot (slot k predicts the token k+1 after the anchor)."""
+        """Logits [P, V] of the predictions (row i predicts the token i+1 after the anchor)."""
         return self.model.target_lm_head(self.block_hidden(anchor)).float()
 
     def propose(
         self, anchor: int, num_proposals: int, temperature: float, generator: torch.Generator | None = None
     ) -> Proposal:
-        g = min(int(num_proposals), self.model.block_size)
+        g = min(int(num_proposals), self.model.proposals_per_block)
         logits = self.block_logits(anchor)[:g]
         tokens, probs = sample_from_logits(logits, temperature, generator)
         return Proposal(tokens=tokens.cpu(), probs=probs)

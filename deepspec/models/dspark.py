@@ -1,6 +1,8 @@
 """DSpark: the DFlash block backbone plus a sequential head and a confidence head (semi-autoregressive).
 
-On top of the backbone's per-slot logits (slot k predicts token a+k+1, see :mod:`deepspec.models.dflash`):
+On top of the backbone's per-slot logits (slot k predicts token a+k+1, the anchor slot included: the DSpark
+convention of SGLang ``models/dspark.py`` and vLLM ``qwen3_dspark.py``, unlike DFlash's, see
+:mod:`deepspec.models.dflash`):
 
 * **Markov head** (``markov_head="vanilla"``): slot k's logits get the bias ``B(x_{k-1}, .) = W2 W1[x_{k-1}]``
   where x_{k-1} is the token just before the predicted one (token a+k: the anchor for slot 0). W1 is a
@@ -10,6 +12,10 @@ On top of the backbone's per-slot logits (slot k predicts token a+k+1, see :mod:
   ``s_k = GRUCell(W1[x_{k-1}], s_{k-1})`` with ``s_{-1} = 0``, and the bias ``W2 s_k``.
 * **Confidence head**: ``c_k = sigmoid(w^T [h_k ; W1[x_{k-1}]] + b)`` predicts the probability that slot k
   is accepted, supervised by ``1 - TV(p_draft_k, p_target_k)`` (target detached).
+
+Parameter names are the engines' (``markov_head.markov_w1`` [V, r], ``markov_head.markov_w2`` [V, r],
+``confidence_head.proj``), so the export is a rename-free copy. Only the ``vanilla`` head is served by both
+engines; the ``rnn`` head here is a GRU, not SGLang's ``joint_proj`` design (export refuses it).
 
 The previous tokens are the ground truth during training and the draft's own samples, left to right, at
 inference. Loss = w_ce * CE + w_l1 * L1(p_draft - p_target) + w_bce * BCE(confidence), weights from
@@ -25,16 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepspec.models.base import Proposal
-from deepspec.models.common import (
-    DraftBatch,
-    DraftOutput,
-    VocabLossTerms,
-    masked_mean,
-    position_acceptance,
-    sample_from_logits,
-)
+from deepspec.models.base import Proposal, sample_from_logits
 from deepspec.models.dflash import DFlashDraft, DFlashDrafter
+from deepspec.models.draft import DraftBatch, DraftOutput
+from deepspec.models.vocab_loss import VocabLossTerms, masked_mean, position_acceptance
 
 if TYPE_CHECKING:
     from deepspec.config import DraftModelConfig
@@ -52,17 +52,17 @@ class MarkovHead(nn.Module):
             raise ValueError(f"draft.markov_head must be vanilla, rnn or none, got {kind!r}")
         self.kind = kind
         self.rank = rank
-        self.w1 = nn.Embedding(vocab_size, rank)  # W1: V x r
-        nn.init.normal_(self.w1.weight, std=0.02)
+        self.markov_w1 = nn.Embedding(vocab_size, rank)  # W1: V x r
+        nn.init.normal_(self.markov_w1.weight, std=0.02)
         if kind != "none":
-            self.w2 = nn.Linear(rank, vocab_size, bias=False)  # W2: r -> V
-            nn.init.zeros_(self.w2.weight)
+            self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)  # W2: r -> V
+            nn.init.zeros_(self.markov_w2.weight)
         if kind == "rnn":
             self.rnn = nn.GRUCell(rank, rank)
 
     def states(self, prev_tokens: torch.Tensor) -> torch.Tensor:
         """prev_tokens [..., gamma] -> the vectors W2 multiplies [..., gamma, r] (left to right for rnn)."""
-        e = self.w1(prev_tokens)
+        e = self.markov_w1(prev_tokens)
         if self.kind != "rnn":
             return e
         lead = e.shape[:-2]
@@ -77,12 +77,24 @@ class MarkovHead(nn.Module):
     def bias(self, state: torch.Tensor) -> torch.Tensor:
         """[..., r] -> [..., V] (zero for kind 'none')."""
         if self.kind == "none":
-            return state.new_zeros(*state.shape[:-1], self.w1.num_embeddings)
-        return self.w2(state)
+            return state.new_zeros(*state.shape[:-1], self.markov_w1.num_embeddings)
+        return self.markov_w2(state)
+
+
+class ConfidenceHead(nn.Module):
+    """``proj``: Linear([h ; W1[x_prev]] -> 1) with bias, the engines' ``confidence_head.proj``."""
+
+    def __init__(self, hidden_size: int, rank: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size + rank, 1)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.proj(feats).squeeze(-1)
 
 
 class DSparkDraft(DFlashDraft):
     algorithm = "dspark"
+    anchor_predicts = True
 
     def __init__(self, cfg: DraftModelConfig, target: TargetModel, mask_token_id: int | None = None):
         super().__init__(cfg, target, mask_token_id=mask_token_id)
@@ -93,16 +105,16 @@ class DSparkDraft(DFlashDraft):
             )
         self.loss_weights = {k: float(cfg.loss_weights.get(k, 0.0)) for k in LOSS_TERMS}
         self.markov_head = MarkovHead(self.dims.vocab_size, cfg.markov_rank, cfg.markov_head)
-        self.confidence = (
-            nn.Linear(self.dims.hidden_size + cfg.markov_rank, 1) if cfg.confidence_head else None
+        self.confidence_head = (
+            ConfidenceHead(self.dims.hidden_size, cfg.markov_rank) if cfg.confidence_head else None
         )
         self.to(target.lm_head.weight.device)
 
     def confidence_logit(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
         """w^T [h_k ; W1[x_{k-1}]] + b, [...]."""
-        assert self.confidence is not None
-        feats = torch.cat([hidden.to(self.param_dtype), self.markov_head.w1(prev_tokens)], dim=-1)
-        return self.confidence(feats).squeeze(-1)
+        assert self.confidence_head is not None
+        feats = torch.cat([hidden.to(self.param_dtype), self.markov_head.markov_w1(prev_tokens)], dim=-1)
+        return self.confidence_head(feats)
 
     def forward(
         self, batch: DraftBatch, anchors: torch.Tensor | None = None, anchor_valid: torch.Tensor | None = None
@@ -115,7 +127,7 @@ class DSparkDraft(DFlashDraft):
         heads = [(h, self.target.lm_head.weight)]
         if self.markov_head.kind != "none":
             states = self.markov_head.states(out.prev_tokens)[sel]  # [n, r]
-            heads.append((states, self.markov_head.w2.weight))
+            heads.append((states, self.markov_head.markov_w2.weight))
         w = self.slot_weights(out.valid)[sel]
         wn = w / w.sum().clamp_min(1e-6)  # masked_mean(., w) as per-row coefficients
         lw = self.loss_weights
@@ -130,7 +142,7 @@ class DSparkDraft(DFlashDraft):
         acc = (1.0 - 0.5 * res.l1).clamp(0.0, 1.0)  # confidence target 1 - TV (detached)
         loss = res.loss  # = w_ce * masked_mean(ce, w) + w_l1 * masked_mean(l1, w)
         terms = {"ce": masked_mean(res.ce, w), "l1": masked_mean(res.l1, w)}  # detached, for the metrics
-        if self.confidence is not None:
+        if self.confidence_head is not None:
             conf_logit = self.confidence_logit(h, prev).float()
             bce = F.binary_cross_entropy_with_logits(conf_logit, acc, reduction="none")
             terms["bce"] = masked_mean(bce, torch.ones_like(bce))
@@ -151,18 +163,15 @@ class DSparkDraft(DFlashDraft):
             {
                 "markov_rank": self.cfg.markov_rank,
                 "markov_head_type": self.cfg.markov_head,
-                "use_confidence_head": self.confidence is not None,
-                "confidence_head_input": "hidden+markov_embedding",
-                "slot_convention": "slot k predicts anchor+k+1",
+                "enable_confidence_head": self.confidence_head is not None,
+                "confidence_head_with_markov": True,
             }
         )
         return cfg
 
     def as_drafter(self, target: TargetModel | None = None) -> DSparkDrafter:
-        from deepspec.models.eagle3 import _check_same_target
-
-        if target is not None and target is not self.target:
-            _check_same_target(self, target)
+        if target is not None:
+            self.check_same_target(target)
         return DSparkDrafter(self)
 
 
@@ -181,7 +190,7 @@ class DSparkDrafter(DFlashDrafter):
         state = hidden.new_zeros(1, head.rank, dtype=m.param_dtype)
         logits_out, conf_out = [], []
         for k in range(steps):
-            e = head.w1(prev)  # [1, r]
+            e = head.markov_w1(prev)  # [1, r]
             if head.kind == "rnn":
                 state = head.rnn(e, state)
                 s = state
@@ -189,7 +198,7 @@ class DSparkDrafter(DFlashDrafter):
                 s = e
             logits = base[k] + head.bias(s)[0].float()
             logits_out.append(logits)
-            if m.confidence is not None:
+            if m.confidence_head is not None:
                 conf_out.append(torch.sigmoid(m.confidence_logit(hidden[k : k + 1], prev).float())[0])
             prev = torch.tensor([choose(k, logits)], device=hidden.device)
         return logits_out, conf_out

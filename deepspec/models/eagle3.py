@@ -27,22 +27,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from deepspec.models.base import Proposal
-from deepspec.models.common import (
-    MLP,
-    Attention,
-    DraftBatch,
-    DraftDims,
-    DraftModel,
-    DraftOutput,
-    KVCache,
-    RMSNorm,
-    RotaryEmbedding,
-    VocabLossTerms,
-    position_acceptance,
-    sample_from_logits,
-    sdpa,
-)
+from deepspec.models.base import Proposal, sample_from_logits
+from deepspec.models.draft import DraftBatch, DraftModel, DraftOutput
+from deepspec.models.layers import MLP, Attention, DraftDims, KVCache, RMSNorm, RotaryEmbedding, sdpa
+from deepspec.models.vocab_loss import VocabLossTerms, position_acceptance
 
 if TYPE_CHECKING:
     from deepspec.config import DraftModelConfig
@@ -157,7 +145,7 @@ def _shift_left(x: torch.Tensor, n: int) -> torch.Tensor:
 class Eagle3Draft(DraftModel):
     algorithm = "eagle3"
 
-    def __init__(self, cfg: DraftModelConfig, target: TargetModel, token_counts: torch.Tensor | None = None):
+    def __init__(self, cfg: DraftModelConfig, target: TargetModel):
         super().__init__(cfg, target)
         if (cfg.num_layers or 1) != 1:
             raise ValueError(
@@ -178,12 +166,11 @@ class Eagle3Draft(DraftModel):
         self.register_buffer("d2t", torch.zeros(self.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(d.vocab_size, dtype=torch.bool))
         self.to(device)
-        if token_counts is not None:
-            d2t, t2d = build_vocab_mapping(token_counts, self.draft_vocab_size)
-        else:  # full vocabulary, or a placeholder (the first ids) until set_vocab_mapping is called
-            d2t = torch.zeros(self.draft_vocab_size, dtype=torch.long)
-            t2d = torch.zeros(d.vocab_size, dtype=torch.bool)
-            t2d[: self.draft_vocab_size] = True
+        # full vocabulary, or a placeholder (the first ids) until set_vocab_mapping installs the mapping that
+        # build_vocab_mapping makes from the data's token counts
+        d2t = torch.zeros(self.draft_vocab_size, dtype=torch.long)
+        t2d = torch.zeros(d.vocab_size, dtype=torch.bool)
+        t2d[: self.draft_vocab_size] = True
         self.set_vocab_mapping(d2t, t2d)
 
     # ---- vocabulary -------------------------------------------------------------------------------
@@ -300,6 +287,8 @@ class Eagle3Draft(DraftModel):
                     "eagle_aux_hidden_state_layer_ids": self.target_layer_ids,
                     "use_aux_hidden_state": True,
                 },
+                # vLLM's V1 runner reads this top-level key as "input of layer i" = output of layer i-1
+                "eagle_aux_hidden_state_layer_ids": [i + 1 for i in self.target_layer_ids],
                 "target_hidden_size": self.dims.hidden_size,
                 "deepspec": self.deepspec_section(),
             }
@@ -307,17 +296,9 @@ class Eagle3Draft(DraftModel):
         return cfg
 
     def as_drafter(self, target: TargetModel | None = None) -> Eagle3Drafter:
-        if target is not None and target is not self.target:
-            _check_same_target(self, target)
+        if target is not None:
+            self.check_same_target(target)
         return Eagle3Drafter(self)
-
-
-def _check_same_target(draft: DraftModel, target: TargetModel) -> None:
-    if list(target.layer_ids) != draft.target_layer_ids or target.hidden_size != draft.dims.hidden_size:
-        raise ValueError(
-            f"as_drafter: target captures layers {target.layer_ids} (H={target.hidden_size}) but the draft was "
-            f"built for {draft.target_layer_ids} (H={draft.dims.hidden_size})"
-        )
 
 
 # --------------------------------------------------------------------------------------------------

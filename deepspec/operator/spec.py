@@ -25,7 +25,7 @@ from pydantic_core import PydanticUndefined
 
 from deepspec.config import (
     DataConfig,
-    DraftModelConfig,
+    DraftCommonConfig,
     EvaluationConfig,
     ExportConfig,
     FeaturesConfig,
@@ -203,7 +203,7 @@ class TrainingSpec(SpecModel):
         }
     )
 
-    algorithm: Literal["eagle3", "dflash", "dspark"] = recipe_field(DraftModelConfig, "algorithm")
+    algorithm: Literal["eagle3", "dflash", "dspark"] = recipe_field(DraftCommonConfig, "algorithm")
     backend: Literal["auto", "pytorchjob", "trainjob"] = Field(
         "auto", description="'auto' = PyTorchJob when kubeflow.org/v1 is served, else TrainJob."
     )

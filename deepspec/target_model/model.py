@@ -39,7 +39,8 @@ def default_layer_ids(num_layers: int, algorithm: str, k: int | None = None) -> 
     Eagle3, k=3 (default): ``[1, L//2 - 1, L - 4]`` (SGLang's choice); Eagle3 with k=5 and
     DFlash/DSpark (k=5 default): evenly spaced between layer 1 and L-3, so never the last layer.
     Targets shallower than 8 layers, where the SGLang formula collides, fall back to evenly spaced
-    (over [0, L-2] when [1, L-3] is too narrow; ids may then repeat).
+    (over [0, L-2] when [1, L-3] is too narrow). Always ascending without repeats (fewer than k ids on
+    very shallow targets): the serving engines capture each layer once, in ascending order.
     """
     if num_layers < 2:
         raise ValueError(f"a target needs at least 2 decoder layers for feature capture, got {num_layers}")
@@ -52,7 +53,7 @@ def default_layer_ids(num_layers: int, algorithm: str, k: int | None = None) -> 
     else:
         raise ValueError(f"unknown algorithm {algorithm!r}; expected eagle3, dflash or dspark")
     ids = _evenly_spaced(num_layers, k)
-    return [min(i, num_layers - 2) for i in ids]
+    return sorted({min(i, num_layers - 2) for i in ids})
 
 
 # --------------------------------------------------------------------------------------------------

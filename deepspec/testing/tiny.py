@@ -191,13 +191,10 @@ def tiny_recipe(model_dir: str, data_path: str, out_dir: str, algorithm: str = "
         "target": {"model": model_dir},
         "data": {"max_length": 96},
         "regeneration": {"output": data_path},
-        "draft": {
-            "algorithm": algorithm,
-            "num_anchors": 8,
-            "block_size": 4,
-            "ttt_steps": 3,
-            "markov_rank": 16,
-        },
+        "draft": {"algorithm": algorithm, "ttt_steps": 3}
+        if algorithm == "eagle3"
+        else {"algorithm": algorithm, "num_anchors": 8, "block_size": 4}
+        | ({"markov_rank": 16} if algorithm == "dspark" else {}),
         "training": {
             "output_dir": out_dir,
             "lr": 3e-3,

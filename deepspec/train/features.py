@@ -14,7 +14,7 @@ from deepspec.data.sequences import TokenizedSequence, pad_batch
 
 if TYPE_CHECKING:
     from deepspec.features.cache import FeatureCache
-    from deepspec.models.common import DraftBatch
+    from deepspec.models.draft import DraftBatch
     from deepspec.target_model.model import TargetModel
 
 
@@ -32,7 +32,7 @@ class OnlineFeatures:
         self.lengths = [int(s.input_ids.numel()) for s in sequences]
 
     def batch(self, indices: list[int]) -> DraftBatch:
-        from deepspec.models.common import DraftBatch
+        from deepspec.models.draft import DraftBatch
 
         dev = self.target.device
         padded = {
@@ -57,7 +57,7 @@ class OfflineFeatures:
         self.sequences = _LazySequences(cache)
 
     def batch(self, indices: list[int]) -> DraftBatch:
-        from deepspec.models.common import DraftBatch
+        from deepspec.models.draft import DraftBatch
 
         seqs = [self.cache.sequence(i) for i in indices]
         padded = pad_batch(seqs)

@@ -52,14 +52,14 @@ def _prompts(tokenizer, shared_dir, n: int, name: str = "gsm8k") -> list[list[in
 
 @pytest.mark.parametrize("algorithm", ["eagle3", "dflash", "dspark"])
 def test_greedy_lossless_on_smollm2(smollm2, shared_dir, algorithm):
-    from deepspec.config import DraftModelConfig
+    from deepspec.config import draft_model_config
     from deepspec.eval.engine import EngineConfig, SpeculativeEngine
     from deepspec.models import build_draft
 
     path, tok = smollm2
     target = _target(path, algorithm)
     torch.manual_seed(0)
-    draft = build_draft(DraftModelConfig(algorithm=algorithm), target).eval()
+    draft = build_draft(draft_model_config(algorithm=algorithm), target).eval()
     cfg = EngineConfig(num_proposals=7, temperature=0.0, max_new_tokens=NEW_TOKENS)
     engine = SpeculativeEngine(target, draft.as_drafter(target), cfg)
     for ids in _prompts(tok, shared_dir, 2, "mt-bench"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepspec.config import DraftModelConfig
+from deepspec.config import draft_model_config
 from deepspec.eval.engine import EngineConfig, SpeculativeEngine, prompt_generator
 from deepspec.eval.scheduler import CostCurve, PrefixScheduler
 from deepspec.testing.tiny import tiny_target
@@ -21,7 +21,7 @@ def make(algorithm: str, arch: str = "llama", **draft_kwargs):
 
     target = tiny_target(arch, layer_ids=default_layer_ids(4, algorithm))
     torch.manual_seed(0)
-    draft = build_draft(DraftModelConfig(algorithm=algorithm, **draft_kwargs), target)
+    draft = build_draft(draft_model_config(algorithm=algorithm, **draft_kwargs), target)
     draft.eval()
     return target, draft
 

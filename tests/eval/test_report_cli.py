@@ -199,13 +199,13 @@ def test_eval_cli_calibrates_dspark_confidences(tmp_path, monkeypatch, tiny_llam
 
 def test_export_cli_refuses_low_smoke_accept_length(tmp_path, monkeypatch, capsys):
     from deepspec.cli import main
-    from deepspec.config import DraftModelConfig
+    from deepspec.config import draft_model_config
     from deepspec.models import build_draft
     from deepspec.testing.tiny import tiny_target
 
     target = tiny_target("llama")
     torch.manual_seed(0)
-    draft = build_draft(DraftModelConfig(algorithm="eagle3"), target)
+    draft = build_draft(draft_model_config(algorithm="eagle3"), target)
     _fake_loaders(monkeypatch, target, draft)
     out = tmp_path / "export"
     assert (

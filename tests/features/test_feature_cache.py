@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepspec.config import Recipe
+from deepspec.config import Recipe, draft_model_config
 from deepspec.data.sequences import load_sequences
 from deepspec.features.cache import (
     CacheCorruptError,
@@ -84,7 +84,7 @@ def test_offline_losses_equal_online(env, tmp_path, algorithm, dtype, rtol):
     layers = [0, 2]  # a subset: one cache serves drafts with other layer choices
     sub = TargetModel.from_model(target.model, layers)
     cache.validate(cache_identity(recipe, sub, tok), needed_layer_ids=layers)
-    cfg = recipe.draft.model_copy(update={"algorithm": algorithm, "num_layers": 1})
+    cfg = draft_model_config(algorithm=algorithm, num_layers=1)
     torch.manual_seed(0)
     draft = build_draft(cfg, sub)
     online = OnlineFeatures(sub, seqs)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from deepspec.config import DraftModelConfig
+from deepspec.config import draft_model_config
 from deepspec.models import build_draft
-from deepspec.models.common import DraftBatch
+from deepspec.models.draft import DraftBatch
 from deepspec.testing.tiny import tiny_target
 
 ALGORITHMS = ["eagle3", "dflash", "dspark"]
@@ -21,10 +21,11 @@ def make_draft(algorithm: str, target, **overrides):
     kw = {"algorithm": algorithm}
     if algorithm != "eagle3":
         kw["num_layers"] = 2
+    if algorithm == "dspark":
         kw["markov_rank"] = 16
     kw.update(overrides)
     torch.manual_seed(1)
-    return build_draft(DraftModelConfig(**kw), target)
+    return build_draft(draft_model_config(**kw), target)
 
 
 def make_batch(target, batch: int = 2, seq: int = 24, seed: int = 0, pad: bool = True) -> DraftBatch:

@@ -22,7 +22,7 @@ def test_forward_and_loss_are_finite(target, algorithm):
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
     assert out.loss.requires_grad
     assert all(isinstance(v, float) for v in out.metrics.values())
-    g = draft.cfg.ttt_steps if algorithm == "eagle3" else draft.cfg.block_size
+    g = draft.cfg.ttt_steps if algorithm == "eagle3" else draft.proposals_per_block
     assert out.position_acceptance.shape == (g,)
     assert torch.all((out.position_acceptance > 0) & (out.position_acceptance <= 1))
 
@@ -182,10 +182,11 @@ def test_draft_configs_carry_serving_fields(llama_target):
     e = make_draft("eagle3", llama_target).draft_config()
     assert e["architectures"] == ["LlamaForCausalLMEagle3"]
     assert e["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 1, 2]
+    assert e["eagle_aux_hidden_state_layer_ids"] == [1, 2, 3]  # vLLM's top-level key, +1 shifted
     assert e["draft_vocab_size"] == llama_target.vocab_size and e["num_hidden_layers"] == 1
     f = make_draft("dflash", llama_target).draft_config()
-    assert f["architectures"] == ["DFlashDraftModel"] and f["block_size"] == 7
+    assert f["architectures"] == ["DFlashDraftModel"] and f["block_size"] == 8
     assert f["dflash_config"]["target_layer_ids"] == [0, 1, 2] and "mask_token_id" in f
     s = make_draft("dspark", llama_target).draft_config()
-    assert s["markov_rank"] == 16 and s["markov_head_type"] == "vanilla" and s["use_confidence_head"]
+    assert s["markov_rank"] == 16 and s["markov_head_type"] == "vanilla" and s["enable_confidence_head"]
     json.dumps([e, f, s])  # plain JSON

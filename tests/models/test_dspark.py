@@ -13,10 +13,10 @@ from .draft_helpers import make_batch, make_draft
 def test_markov_bias_equals_w2_w1():
     torch.manual_seed(0)
     head = MarkovHead(vocab_size=50, rank=8, kind="vanilla")
-    torch.nn.init.normal_(head.w2.weight)  # zero at init; make it non-trivial
+    torch.nn.init.normal_(head.markov_w2.weight)  # zero at init; make it non-trivial
     x = torch.randint(0, 50, (3, 7))
     bias = head.bias(head.states(x))
-    expected = torch.einsum("vr,bkr->bkv", head.w2.weight, head.w1.weight[x])
+    expected = torch.einsum("vr,bkr->bkv", head.markov_w2.weight, head.markov_w1.weight[x])
     torch.testing.assert_close(bias, expected)
     assert bias.shape == (3, 7, 50)
 
@@ -29,7 +29,7 @@ def test_markov_head_starts_neutral_and_rnn_state_is_recurrent():
     states = rnn.states(x)
     s = torch.zeros(2, 8)
     for k in range(5):
-        s = rnn.rnn(rnn.w1(x[:, k]), s)
+        s = rnn.rnn(rnn.markov_w1(x[:, k]), s)
         torch.testing.assert_close(states[:, k], s)
     x2 = x.clone()
     x2[:, 0] = (x2[:, 0] + 1) % 50  # changing an early token changes every later state
@@ -43,7 +43,7 @@ def test_sequential_head_training_equals_inference(llama_target, kind):
     target = llama_target
     draft = make_draft("dspark", target, markov_head=kind).eval()
     with torch.no_grad():
-        torch.nn.init.normal_(draft.markov_head.w2.weight, std=0.5)
+        torch.nn.init.normal_(draft.markov_head.markov_w2.weight, std=0.5)
     batch = make_batch(target, batch=1, seq=20, pad=False)
     ids, feats = batch.input_ids[0], batch.features[0]
     anchors = torch.tensor([[4, 10]])

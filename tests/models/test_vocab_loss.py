@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepspec.models.common import VocabLossTerms, masked_mean, position_acceptance, vocab_loss
 from deepspec.models.eagle3 import build_vocab_mapping, count_tokens
+from deepspec.models.vocab_loss import VocabLossTerms, masked_mean, position_acceptance, vocab_loss
 
 from .draft_helpers import make_batch, make_draft
 
@@ -262,7 +262,7 @@ def test_draft_loss_equals_its_unchunked_formulation(llama_target, algorithm, ch
         draft = make_draft(algorithm, target)
         if algorithm == "dspark":
             with torch.no_grad():  # a non-trivial Markov head (W2 starts at zero)
-                torch.nn.init.normal_(draft.markov_head.w2.weight, std=0.3)
+                torch.nn.init.normal_(draft.markov_head.markov_w2.weight, std=0.3)
         ref = dflash_reference if algorithm == "dflash" else dspark_reference
         ref_loss, ref_acc = ref(draft, batch, anchors)
     ref_grads = _grads(draft, ref_loss)

@@ -119,3 +119,48 @@ def test_schema_has_descriptions() -> None:
     schema = recipe_json_schema()
     target = schema["$defs"]["TargetConfig"]["properties"]["model"]
     assert target["description"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-algorithm draft settings (a union keyed on draft.algorithm)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_dflash_recipe_with_ttt_steps_is_rejected_naming_the_field(tmp_path: Path) -> None:
+    p = _write(tmp_path, "draft:\n  algorithm: dflash\n  ttt_steps: 5\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert "draft.ttt_steps does not apply to algorithm 'dflash'" in msg and "eagle3" in msg
+    assert msg.count("\n  ") == 1
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "key", "owner"),
+    [("eagle3", "block_size", "dflash and dspark"), ("dflash", "markov_rank", "dspark"),
+     ("eagle3", "draft_vocab_size", "eagle3")],
+)  # fmt: skip
+def test_settings_of_other_algorithms_are_rejected(algorithm: str, key: str, owner: str) -> None:
+    if owner == algorithm:  # its own setting: accepted
+        assert getattr(load_recipe(None, [f"draft.algorithm={algorithm}", f"draft.{key}=64"]).draft, key) == 64
+        return
+    with pytest.raises(RecipeError, match=rf"draft\.{key} does not apply to algorithm '{algorithm}'.*{owner}"):
+        load_recipe(None, [f"draft.algorithm={algorithm}", f"draft.{key}=4"])
+
+
+def test_draft_settings_are_typed_per_algorithm() -> None:
+    from deepspec.config import DFlashDraftConfig, DSparkDraftConfig, Eagle3DraftConfig
+
+    assert isinstance(load_recipe().draft, Eagle3DraftConfig)  # the default algorithm
+    assert isinstance(load_recipe(None, ["draft.ttt_steps=3"]).draft, Eagle3DraftConfig)
+    dflash = load_recipe(None, ["draft.algorithm=dflash"]).draft
+    assert isinstance(dflash, DFlashDraftConfig) and dflash.block_size == 8  # anchor + 7 proposals
+    dspark = load_recipe(None, ["draft.algorithm=dspark"]).draft
+    assert isinstance(dspark, DSparkDraftConfig) and dspark.block_size == 7  # 7 slots, each proposes
+
+
+@pytest.mark.parametrize("ids", [[9, 1, 17], [1, 9, 9, 17], [-1, 3]])
+def test_layer_ids_must_be_ascending_and_unique(ids: list[int]) -> None:
+    with pytest.raises(RecipeError, match=r"draft\.target_layer_ids"):
+        load_recipe(None, [f"draft.target_layer_ids={ids}"])
+    assert load_recipe(None, ["draft.target_layer_ids=[1, 9, 17]"]).draft.target_layer_ids == [1, 9, 17]

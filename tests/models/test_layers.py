@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from deepspec.models.common import DraftDims, KVCache, RMSNorm, RotaryEmbedding, apply_rope, sdpa
+from deepspec.models.layers import DraftDims, KVCache, RMSNorm, RotaryEmbedding, apply_rope, sdpa
 
 from .draft_helpers import make_target
 
