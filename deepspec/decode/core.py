@@ -158,7 +158,12 @@ class DecodeCore:
         key = (b, t, kv_len)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._capture(ids, positions, kv_len)
+            try:
+                graph = self._capture(ids, positions, kv_len)
+            except RuntimeError:  # an op that cannot be captured: keep working, eagerly, and say so
+                log.exception("CUDA graph capture failed for shape %s; running eagerly", key)
+                self.cuda_graphs = False
+                return self._forward(ids, positions, slice(0, b), kv_len)
             self._graphs[key] = graph
         graph.ids.copy_(ids)
         graph.positions.copy_(positions)
