@@ -1,15 +1,25 @@
 """Pure builder functions: ``DraftTraining`` spec -> the plain-dict Kubernetes objects of each stage.
 
 Nothing here talks to the API server. Every function takes a :class:`Run` (the resource's identity,
-its parsed spec and the run id) and returns a dict ready to POST. All Kubernetes knowledge of the
+its parsed spec and the stage ids) and returns a dict ready to POST. All Kubernetes knowledge of the
 operator lives in this file, so it is what the schema and golden-file tests exercise.
+
+**Identity per stage** (:func:`stage_ids`): each stage's id hashes the ids of the stages it reads
+from plus the user's own inputs of that stage, dumped with ``exclude_defaults`` so that a field left
+at its default counts as absent. Hence a gate change re-gates only (the gate is applied by the
+operator, it is no stage's input), an evaluation change re-evaluates only, a new target revision
+re-runs everything, placement/images/resources re-run nothing, and an operator upgrade that adds a
+field with a default re-runs nothing. Artefacts live in per-stage folders (``train-<id>/draft``...)
+so an unchanged stage's output is reused as is.
 
 Conventions for every child:
 
-* name = ``<resource>-<stage>-<run id>`` (run id = short hash of the spec), ``-r<N>`` for retry N;
-* an owner reference to the ``DraftTraining`` (garbage-collected with it);
-* labels of our own only (``app.kubernetes.io/*`` + ``deepspec.io/run``): the resource's own labels
-  and annotations are never copied (GitOps tools would prune the children as their own);
+* name = ``<resource>-<stage>-<stage id>``, ``-r<N>`` for attempt N;
+* a controller owner reference to the ``DraftTraining`` (garbage-collected with it), except the
+  volume under the default ``Retain`` policy;
+* labels of our own only (``app.kubernetes.io/*``, ``deepspec.io/run``, ``deepspec.io/stage-id``): the
+  resource's own labels are never copied (GitOps tools would prune the children as their own); pod
+  labels and annotations come from ``spec.podTemplate``;
 * every Job runs the ``deepspec`` CLI with the recipe mounted at ``/etc/deepspec/recipe.yaml``.
 """
 
@@ -17,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,15 +35,27 @@ from typing import Any
 import yaml
 
 from deepspec.config import Recipe, apply_overrides
-from deepspec.operator.spec import GROUP, KIND, VERSION, DraftTrainingSpec
+from deepspec.layout import RunLayout
+from deepspec.operator.spec import (
+    DEFAULT_IMAGE,
+    GROUP,
+    IMAGE_ENV,
+    KIND,
+    VERSION,
+    DraftTrainingSpec,
+    PodTemplate,
+)
 
 RECIPE_DIR = "/etc/deepspec"
 RECIPE_PATH = f"{RECIPE_DIR}/recipe.yaml"
 DATA_MOUNT = "/data"
+CACHE_MOUNT = "/cache"
 MANAGED_BY = "deepspec-operator"
 TERMINATION_LOG = "/dev/termination-log"
-STAGES = ("regenerate", "merge", "features", "train", "evaluate", "export")
-RUN_HASH_EXCLUDES = ("scheduling", "maxRetries", "imagePullPolicy", "serviceAccountName")
+STAGES = ("seed", "regenerate", "merge", "features", "train", "evaluate", "export")
+JOB_STAGES = ("seed", "regenerate", "merge", "features", "evaluate", "export", "summary")
+CPU_REQUESTS = {"cpu": "1", "memory": "2Gi"}
+GPU_REQUESTS_PER_GPU = {"cpu": 4, "memory": 16}  # cores, GiB per GPU when the user gives no requests
 
 
 def short_hash(data: Any, n: int = 8) -> str:
@@ -40,9 +63,43 @@ def short_hash(data: Any, n: int = 8) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:n]
 
 
+def _user(model: Any, *fields: str) -> dict[str, Any]:
+    """The fields of ``model`` the user set to a non-default value (absent = default)."""
+    return model.model_dump(mode="json", include=set(fields) or None, exclude_defaults=True)
+
+
+def stage_ids(spec: DraftTrainingSpec) -> dict[str, str]:
+    """Id of each stage: its upstream ids + its own user inputs (see the module docstring)."""
+    s = spec
+    target = _user(s.target, "model", "revision", "dtype", "trustRemoteCode")
+    ids: dict[str, str] = {}
+    ids["seed"] = short_hash(
+        ["seed", _user(s.dataset, "path", "source"),
+         _user(s.evaluation, "benchmarksDir", "benchmarks", "benchmarksSource")]
+    )  # fmt: skip
+    ids["regenerate"] = short_hash(
+        ["regenerate", target, _user(s.dataset, "path", "source", "format", "maxSamples"),
+         _user(s.regeneration, "sampling", "thinking")]
+    )  # fmt: skip
+    ids["merge"] = ids["regenerate"]
+    training = _user(s.training, "algorithm", "epochs", "maxSteps", "recipe", "overrides")
+    ids["features"] = short_hash(["features", ids["regenerate"], _user(s.features), training])
+    ids["train"] = short_hash(
+        ["train", ids["regenerate"], _user(s.features), _user(s.dataset, "maxLength"), training]
+    )
+    ids["evaluate"] = short_hash(
+        ["evaluate", ids["train"],
+         _user(s.evaluation, "benchmarksDir", "benchmarks", "caps", "maxPrompts", "numProposals",
+               "temperature", "thinking")]
+    )  # fmt: skip
+    ids["export"] = short_hash(["export", ids["train"], _user(s.export, "format")])
+    return ids
+
+
 def run_id_of(spec: DraftTrainingSpec) -> str:
-    """Run id: a hash of everything that changes the produced draft (a new revision = a new run)."""
-    return short_hash(spec.model_dump(mode="json", exclude=set(RUN_HASH_EXCLUDES)))
+    """The run id: all stage ids together (a new id in any stage = a new run)."""
+    ids = stage_ids(spec)
+    return short_hash([ids[k] for k in STAGES])
 
 
 @dataclass(frozen=True)
@@ -56,6 +113,11 @@ class Run:
     run_id: str
     attempts: dict[str, int] = field(default_factory=dict)
     training_backend: str = "pytorchjob"
+    ids: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.ids:
+            object.__setattr__(self, "ids", stage_ids(self.spec))
 
     @classmethod
     def from_body(cls, body: dict[str, Any], **kw: Any) -> Run:
@@ -65,20 +127,35 @@ class Run:
             meta["name"], meta.get("namespace", "default"), meta.get("uid", ""), spec, run_id_of(spec), **kw
         )
 
+    def with_attempts(self, attempts: dict[str, int]) -> Run:
+        return Run(**{**self.__dict__, "attempts": dict(attempts)})
+
     # ---- names -----------------------------------------------------------------------------------
 
+    def stage_id(self, stage: str) -> str:
+        """The id of a stage; the server and the eval-summary reader share their stage's id."""
+        return self.ids[{"server": "regenerate", "summary": "evaluate"}.get(stage, stage)]
+
     def child_name(self, stage: str) -> str:
-        """``<name>-<stage>-<run id>[-r<N>]``, at most 52 characters (Job pod hostnames add ``-<index>``)."""
-        attempt = self.attempts.get(stage, 0)
-        suffix = f"-{stage}-{self.run_id}" + (f"-r{attempt}" if attempt else "")
+        """``<name>-<stage>-<stage id>[-r<N>]``, at most 52 characters (Job pod hostnames add ``-<index>``)."""
+        if stage == "recipe":
+            suffix = f"-recipe-{self.run_id}"
+        else:
+            attempt = self.attempts.get(stage, 0)
+            suffix = f"-{stage}-{self.stage_id(stage)}" + (f"-r{attempt}" if attempt else "")
         return f"{self.name[: 52 - len(suffix)].rstrip('-')}{suffix}"
 
     @property
     def pvc_name(self) -> str:
+        """One claim per resource (stable: resizing expands it, a new run reuses it)."""
         pvc = self.spec.storage.effective_pvc
         if pvc is not None and pvc.existingClaim:
             return pvc.existingClaim
-        return f"{self.name[:40]}-data-{short_hash(self.spec.storage.model_dump(mode='json'), 6)}"
+        return f"{self.name[:47]}-data"
+
+    @property
+    def image(self) -> str:
+        return self.spec.image or os.environ.get(IMAGE_ENV) or DEFAULT_IMAGE
 
     @property
     def served_model_name(self) -> str:
@@ -86,33 +163,62 @@ class Run:
 
     @property
     def storage_uri(self) -> str:
-        """Root of this run's artefacts."""
+        """Root of this resource's artefacts (each stage writes under ``<stage>-<id>/``)."""
         s3 = self.spec.storage.s3
         if s3 is not None:
-            prefix = "/".join(p for p in (s3.prefix.strip("/"), self.namespace, self.name, self.run_id) if p)
+            prefix = "/".join(p for p in (s3.prefix.strip("/"), self.namespace, self.name) if p)
             return f"s3://{s3.bucket}/{prefix}"
-        return f"{DATA_MOUNT}/{self.name}/{self.run_id}"
+        return f"{DATA_MOUNT}/{self.name}"
+
+    @property
+    def volume_root(self) -> str:
+        """Where relative user inputs (dataset, benchmarks) live: the volume root or the S3 prefix."""
+        s3 = self.spec.storage.s3
+        if s3 is not None:
+            return f"s3://{s3.bucket}/{s3.prefix.strip('/')}".rstrip("/")
+        return DATA_MOUNT
 
     def resolve(self, path: str) -> str:
-        """A user path: absolute or s3:// as is, relative under the volume root."""
+        """A user input path: absolute or s3:// as is, relative under the volume root."""
         if path.startswith(("/", "s3://")):
             return path
-        return f"{DATA_MOUNT}/{path}"
+        return f"{self.volume_root}/{path}"
+
+    def stage_dir(self, stage: str) -> str:
+        return f"{self.storage_uri}/{stage}-{self.stage_id(stage)}"
 
     def under_run(self, path: str) -> str:
+        """A user output path (features.cachePath): absolute as is, relative in the features folder."""
         if path.startswith(("/", "s3://")):
             return path
-        return f"{self.storage_uri}/{path}"
+        return f"{self.stage_dir('features')}/{path}"
+
+    def layout(self) -> RunLayout:
+        """Every artefact path of this run (deepspec.layout owns the rules)."""
+        return RunLayout.from_recipe(build_recipe(self))
 
     # ---- metadata --------------------------------------------------------------------------------
 
     def labels(self, component: str) -> dict[str, str]:
-        return {
+        out = {
             "app.kubernetes.io/name": "deepspec",
             "app.kubernetes.io/instance": self.name,
             "app.kubernetes.io/component": component,
             "app.kubernetes.io/managed-by": MANAGED_BY,
             "deepspec.io/run": self.run_id,
+        }
+        if component in (*STAGES, "server", "summary"):
+            out["deepspec.io/stage-id"] = self.stage_id(component)
+        return out
+
+    def owner_reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
         }
 
     def metadata(self, name: str, component: str) -> dict[str, Any]:
@@ -120,16 +226,7 @@ class Run:
             "name": name,
             "namespace": self.namespace,
             "labels": self.labels(component),
-            "ownerReferences": [
-                {
-                    "apiVersion": f"{GROUP}/{VERSION}",
-                    "kind": KIND,
-                    "name": self.name,
-                    "uid": self.uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "ownerReferences": [self.owner_reference()],
         }
 
 
@@ -149,10 +246,11 @@ def build_recipe(run: Run) -> Recipe:
     """The spec as a :class:`deepspec.config.Recipe` (same models the CLI validates).
 
     Order: the inline ``training.recipe`` fragment, then the spec's own fields, then the operator's
-    paths, then ``training.overrides``. Raises :class:`pydantic.ValidationError` / ``RecipeError``.
+    paths, then ``training.overrides``. The recipe's gate is left empty: the operator applies
+    ``spec.evaluation.gate`` itself (so the evaluation Job succeeds whatever the result and a gate
+    change needs no new Job). Raises :class:`pydantic.ValidationError` / ``RecipeError``.
     """
     s = run.spec
-    sampling = s.regeneration.sampling.model_dump()
     features = s.features.model_dump()
     if features.get("cache_path"):
         features["cache_path"] = run.under_run(features["cache_path"])
@@ -174,15 +272,15 @@ def build_recipe(run: Run) -> Recipe:
         "regeneration": {
             "endpoints": [server_url(run)],
             "concurrency": s.regeneration.concurrency,
-            "sampling": sampling,
+            "sampling": s.regeneration.sampling.model_dump(),
             "thinking": s.regeneration.thinking,
             "max_retries": s.regeneration.maxRetries,
-            "output": run.under_run("regenerated.jsonl"),
+            "output": f"{run.stage_dir('regenerate')}/regenerated.jsonl",
         },
         "features": features,
         "draft": {"algorithm": s.training.algorithm},
         "training": {
-            "output_dir": run.under_run("draft"),
+            "output_dir": f"{run.stage_dir('train')}/draft",
             "parallelism": s.training.parallelism,
             "epochs": s.training.epochs,
             "max_steps": s.training.maxSteps,
@@ -195,10 +293,10 @@ def build_recipe(run: Run) -> Recipe:
             "num_proposals": s.evaluation.numProposals,
             "temperature": s.evaluation.temperature,
             "thinking": s.evaluation.thinking,
-            "output_dir": run.under_run("eval"),
-            "gate": s.evaluation.gate.model_dump(),
+            "output_dir": run.stage_dir("evaluate"),
+            "gate": {},
         },
-        "export": {"format": s.export.format, "output_dir": run.under_run("export")},
+        "export": {"format": s.export.format, "output_dir": run.stage_dir("export")},
         "storage": {
             "root": run.storage_uri,
             "s3_endpoint_url": s.storage.s3.endpointUrl if s.storage.s3 else None,
@@ -219,12 +317,19 @@ def recipe_yaml(run: Run) -> str:
 
 
 def build_pvc(run: Run) -> dict[str, Any] | None:
-    """The run volume (None with S3 storage or an existing claim)."""
+    """The run volume (None with S3 storage or an existing claim).
+
+    ``Retain`` (default): no owner reference, so deleting the DraftTraining keeps the drafts and
+    exports that ``status.serving`` points at; ``Delete``: owned, garbage-collected with it.
+    """
     pvc = run.spec.storage.effective_pvc
     if pvc is None or pvc.existingClaim:
         return None
     meta = run.metadata(run.pvc_name, "storage")
     meta["labels"].pop("deepspec.io/run")  # shared by every run of this resource
+    meta["annotations"] = {"deepspec.io/retention-policy": pvc.retentionPolicy}
+    if pvc.retentionPolicy == "Retain":
+        meta.pop("ownerReferences")
     spec: dict[str, Any] = {"accessModes": [pvc.accessMode], "resources": {"requests": {"storage": pvc.size}}}
     if pvc.storageClassName:
         spec["storageClassName"] = pvc.storageClassName
@@ -246,7 +351,17 @@ def build_recipe_configmap(run: Run) -> dict[str, Any]:
 
 
 def _resources(user: dict[str, Any], gpus: int) -> dict[str, Any]:
+    """The user's resources; default requests when none are given; GPUs as limits."""
     out = {k: dict(v) for k, v in user.items()} if user else {}
+    if not out.get("requests"):
+        out["requests"] = (
+            {
+                "cpu": str(GPU_REQUESTS_PER_GPU["cpu"] * gpus),
+                "memory": f"{GPU_REQUESTS_PER_GPU['memory'] * gpus}Gi",
+            }
+            if gpus
+            else dict(CPU_REQUESTS)
+        )
     if gpus:
         out.setdefault("limits", {})["nvidia.com/gpu"] = gpus
     return out
@@ -264,14 +379,19 @@ def _volumes(run: Run) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     if run.spec.storage.effective_pvc is not None:
         volumes.append({"name": "data", "persistentVolumeClaim": {"claimName": run.pvc_name}})
         mounts.append({"name": "data", "mountPath": DATA_MOUNT})
+    else:  # no volume: a writable scratch folder for the HF cache and local copies of S3 inputs
+        volumes.append({"name": "cache", "emptyDir": {}})
+        mounts.append({"name": "cache", "mountPath": CACHE_MOUNT})
     return volumes, mounts
 
 
 def _env(run: Run, extra: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    cache = f"{DATA_MOUNT}/.cache" if run.spec.storage.effective_pvc is not None else CACHE_MOUNT
     env = [
         {"name": "DEEPSPEC_RECIPE", "value": RECIPE_PATH},
         {"name": "DEEPSPEC_RUN_ID", "value": run.run_id},
-        {"name": "HF_HOME", "value": f"{DATA_MOUNT}/.cache/huggingface"},
+        {"name": "HF_HOME", "value": f"{cache}/huggingface"},
+        {"name": "DEEPSPEC_CACHE", "value": f"{cache}/deepspec"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     env += [{"name": k, "value": v} for k, v in (extra or {}).items()]
@@ -296,9 +416,9 @@ def _container(
     env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     _, mounts = _volumes(run)
-    return {
+    c: dict[str, Any] = {
         "name": name,
-        "image": run.spec.image,
+        "image": run.image,
         "imagePullPolicy": run.spec.imagePullPolicy,
         "command": command,
         "env": _env(run, env),
@@ -308,30 +428,74 @@ def _container(
         "terminationMessagePolicy": "File",
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
+    if run.spec.storage.effective_pvc is not None:
+        c["workingDir"] = DATA_MOUNT  # relative inputs resolve on the volume (deepspec.layout's rule)
+    return c
 
 
-def _pod_spec(run: Run, containers: list[dict[str, Any]], restart: str = "Never") -> dict[str, Any]:
+POD_SECURITY = {
+    "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}  # fmt: skip
+
+
+def customize_pod(
+    pod: dict[str, Any], pod_meta: dict[str, Any], *templates: PodTemplate
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Apply ``spec.podTemplate`` (then a component's own) to a pod spec and its metadata."""
+    for t in templates:
+        if t.labels:
+            pod_meta["labels"] = {**t.labels, **pod_meta.get("labels", {})}  # ours win: selectors
+        if t.annotations:
+            pod_meta["annotations"] = {**pod_meta.get("annotations", {}), **t.annotations}
+        for c in pod["containers"]:
+            if t.env:
+                c["env"] = [*c.get("env", []), *[dict(e) for e in t.env]]
+            if t.envFrom:
+                c["envFrom"] = [*c.get("envFrom", []), *[dict(e) for e in t.envFrom]]
+            if t.volumeMounts:
+                c["volumeMounts"] = [*c.get("volumeMounts", []), *[dict(m) for m in t.volumeMounts]]
+        if t.volumes:
+            pod["volumes"] = [*pod.get("volumes", []), *[dict(v) for v in t.volumes]]
+        if t.imagePullSecrets:
+            pod["imagePullSecrets"] = [
+                *pod.get("imagePullSecrets", []),
+                *[dict(x) for x in t.imagePullSecrets],
+            ]
+        if t.tolerations:
+            pod["tolerations"] = [*pod.get("tolerations", []), *[dict(x) for x in t.tolerations]]
+        if t.nodeSelector:
+            pod["nodeSelector"] = {**pod.get("nodeSelector", {}), **t.nodeSelector}
+        if t.affinity:
+            pod["affinity"] = dict(t.affinity)
+        for key in ("priorityClassName", "runtimeClassName", "schedulerName"):
+            if getattr(t, key):
+                pod[key] = getattr(t, key)
+        pod.update({k: v for k, v in t.podSpec.items() if k != "containers"})
+    return pod, pod_meta
+
+
+def _pod_template(
+    run: Run, component: str, containers: list[dict[str, Any]], restart: str = "Never"
+) -> dict[str, Any]:
+    """A PodTemplateSpec: our pod + ``spec.podTemplate`` (+ ``training.podTemplate`` for training)."""
     volumes, _ = _volumes(run)
-    sched = run.spec.scheduling
     pod: dict[str, Any] = {
         "restartPolicy": restart,
         "containers": containers,
         "volumes": volumes,
-        "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000},
+        "securityContext": dict(POD_SECURITY),
     }
     if run.spec.serviceAccountName:
         pod["serviceAccountName"] = run.spec.serviceAccountName
-    if sched.nodeSelector:
-        pod["nodeSelector"] = dict(sched.nodeSelector)
-    if sched.tolerations:
-        pod["tolerations"] = [dict(t) for t in sched.tolerations]
-    if sched.priorityClassName:
-        pod["priorityClassName"] = sched.priorityClassName
-    return pod
+    extra = [run.spec.training.podTemplate] if component == "train" else []
+    pod, meta = customize_pod(pod, {"labels": run.labels(component)}, run.spec.podTemplate, *extra)
+    return {"metadata": meta, "spec": pod}
 
 
-def _job(run: Run, stage: str, pod: dict[str, Any], **spec: Any) -> dict[str, Any]:
+def _job(run: Run, stage: str, template: dict[str, Any], **spec: Any) -> dict[str, Any]:
     name = run.child_name(stage)
+    deadline_stage = "evaluate" if stage == "summary" else stage
     return _drop_none(
         {
             "apiVersion": "batch/v1",
@@ -339,8 +503,9 @@ def _job(run: Run, stage: str, pod: dict[str, Any], **spec: Any) -> dict[str, An
             "metadata": run.metadata(name, stage),
             "spec": {
                 "backoffLimit": 2,
+                "activeDeadlineSeconds": run.spec.deadlines.of(deadline_stage),
                 **spec,
-                "template": {"metadata": {"labels": run.labels(stage)}, "spec": pod},
+                "template": template,
             },
         }
     )
@@ -367,8 +532,14 @@ def server_url(run: Run) -> str:
     return f"http://{server_name(run)}.{run.namespace}.svc:{run.spec.target.port}/v1"
 
 
+SERVER_SELECTOR_KEYS = ("app.kubernetes.io/instance", "app.kubernetes.io/component", "deepspec.io/stage-id")
+
+
 def build_server_deployment(run: Run, replicas: int = 1) -> dict[str, Any]:
-    """SGLang server: probes on /health_generate (startup, readiness) and /health (liveness)."""
+    """SGLang server: probes on /health_generate (startup, readiness) and /health (liveness).
+
+    A target model given as a path under /data is read from the run volume, mounted read-only.
+    """
     t = run.spec.target
     args = [
         "python3", "-m", "sglang.launch_server",
@@ -393,6 +564,13 @@ def build_server_deployment(run: Run, replicas: int = 1) -> dict[str, Any]:
         else {"name": "model-cache", "emptyDir": {"sizeLimit": t.modelCacheSize}}
     )
     port = {"port": "http", "path": "/health_generate"}
+    mounts = [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "model-cache", "mountPath": "/models"}]
+    volumes = [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": t.shmSize}}, cache]
+    if t.model.startswith(f"{DATA_MOUNT}/") and run.spec.storage.effective_pvc is not None:
+        volumes.append(
+            {"name": "data", "persistentVolumeClaim": {"claimName": run.pvc_name, "readOnly": True}}
+        )
+        mounts.append({"name": "data", "mountPath": DATA_MOUNT, "readOnly": True})
     container = {
         "name": "sglang",
         "image": t.image,
@@ -400,10 +578,7 @@ def build_server_deployment(run: Run, replicas: int = 1) -> dict[str, Any]:
         "env": [{"name": "HF_HOME", "value": "/models"}],
         "ports": [{"name": "http", "containerPort": t.port, "protocol": "TCP"}],
         "resources": _resources(t.resources, t.gpus),
-        "volumeMounts": [
-            {"name": "dshm", "mountPath": "/dev/shm"},
-            {"name": "model-cache", "mountPath": "/models"},
-        ],
+        "volumeMounts": mounts,
         "startupProbe": {"httpGet": port, "periodSeconds": 10, "failureThreshold": 180, "timeoutSeconds": 30},
         "readinessProbe": {"httpGet": port, "periodSeconds": 10, "failureThreshold": 3, "timeoutSeconds": 30},
         "livenessProbe": {
@@ -413,17 +588,13 @@ def build_server_deployment(run: Run, replicas: int = 1) -> dict[str, Any]:
             "timeoutSeconds": 10,
         },
     }
-    sched = run.spec.scheduling
+    # the SGLang image runs as root: only the seccomp default profile is imposed
     pod: dict[str, Any] = {
         "containers": [container],
-        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": t.shmSize}}, cache],
+        "volumes": volumes,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
     }
-    if sched.nodeSelector:
-        pod["nodeSelector"] = dict(sched.nodeSelector)
-    if sched.tolerations:
-        pod["tolerations"] = [dict(x) for x in sched.tolerations]
-    if sched.priorityClassName:
-        pod["priorityClassName"] = sched.priorityClassName
+    pod, meta = customize_pod(pod, {"labels": labels}, run.spec.podTemplate, t.podTemplate)
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -431,13 +602,8 @@ def build_server_deployment(run: Run, replicas: int = 1) -> dict[str, Any]:
         "spec": {
             "replicas": replicas,
             "strategy": {"type": "Recreate"},
-            "selector": {
-                "matchLabels": {
-                    k: labels[k]
-                    for k in ("app.kubernetes.io/instance", "app.kubernetes.io/component", "deepspec.io/run")
-                }
-            },
-            "template": {"metadata": {"labels": labels}, "spec": pod},
+            "selector": {"matchLabels": {k: labels[k] for k in SERVER_SELECTOR_KEYS}},
+            "template": {"metadata": meta, "spec": pod},
         },
     }
 
@@ -449,10 +615,7 @@ def build_server_service(run: Run) -> dict[str, Any]:
         "kind": "Service",
         "metadata": run.metadata(server_name(run), "server"),
         "spec": {
-            "selector": {
-                k: labels[k]
-                for k in ("app.kubernetes.io/instance", "app.kubernetes.io/component", "deepspec.io/run")
-            },
+            "selector": {k: labels[k] for k in SERVER_SELECTOR_KEYS},
             "ports": [
                 {"name": "http", "port": run.spec.target.port, "targetPort": "http", "protocol": "TCP"}
             ],
@@ -461,26 +624,59 @@ def build_server_service(run: Run) -> dict[str, Any]:
 
 
 def build_pod_monitor(run: Run) -> dict[str, Any]:
-    """Scrape SGLang's /metrics (sglang:spec_accept_length, sglang:spec_accept_rate...)."""
+    """Scrape the regeneration server's SGLang /metrics (throughput, queue).
+
+    This server decodes without a draft: its ``sglang:spec_*`` series (``spec_accept_length 0``) say
+    nothing about a draft and would feed the live accepted-length alerts, so they are dropped here.
+    """
     labels = run.labels("server")
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PodMonitor",
         "metadata": run.metadata(server_name(run), "server"),
         "spec": {
-            "selector": {
-                "matchLabels": {
-                    k: labels[k] for k in ("app.kubernetes.io/instance", "app.kubernetes.io/component")
+            "selector": {"matchLabels": {k: labels[k] for k in SERVER_SELECTOR_KEYS}},
+            "podMetricsEndpoints": [
+                {
+                    "port": "http",
+                    "path": "/metrics",
+                    "interval": "30s",
+                    "metricRelabelings": [
+                        {"sourceLabels": ["__name__"], "regex": "sglang:spec_.*", "action": "drop"}
+                    ],
                 }
-            },
-            "podMetricsEndpoints": [{"port": "http", "path": "/metrics", "interval": "30s"}],
+            ],
         },
     }
 
 
 # --------------------------------------------------------------------------------------------------
-# Jobs: regenerate, merge, features, evaluate, export
+# Jobs: seed, regenerate, merge, features, evaluate (+ summary reader), export
 # --------------------------------------------------------------------------------------------------
+
+
+def needs_seed(run: Run) -> bool:
+    """A seed Job runs when a relative dataset or benchmark path lives on the run volume."""
+    s = run.spec
+    if s.storage.effective_pvc is None:
+        return False
+    return not s.dataset.path.startswith(("/", "s3://")) or not s.evaluation.benchmarksDir.startswith(
+        ("/", "s3://")
+    )
+
+
+def build_seed_job(run: Run) -> dict[str, Any]:
+    """Check (and fill) the inputs a fresh volume lacks: ``deepspec operator seed``."""
+    s = run.spec
+    cmd = ["deepspec", "operator", "seed", "--dataset", run.resolve(s.dataset.path)]
+    if s.dataset.source:
+        cmd += ["--source", s.dataset.source]
+    cmd += ["--benchmarks-dir", run.resolve(s.evaluation.benchmarksDir)]
+    cmd += ["--benchmarks", ",".join(s.evaluation.benchmarks)]
+    if s.evaluation.benchmarksSource == "fetch":
+        cmd.append("--fetch-benchmarks")
+    c = _container(run, "seed", cmd, 0, {})
+    return _job(run, "seed", _pod_template(run, "seed", [c]), backoffLimit=1)
 
 
 def build_regenerate_job(run: Run) -> dict[str, Any]:
@@ -491,7 +687,7 @@ def build_regenerate_job(run: Run) -> dict[str, Any]:
     return _job(
         run,
         "regenerate",
-        _pod_spec(run, [c]),
+        _pod_template(run, "regenerate", [c]),
         completionMode="Indexed",
         completions=r.replicas,
         parallelism=r.replicas,
@@ -503,33 +699,41 @@ def build_regenerate_job(run: Run) -> dict[str, Any]:
 def build_merge_job(run: Run) -> dict[str, Any]:
     n = run.spec.regeneration.replicas
     cmd = ["deepspec", "regenerate", "-c", RECIPE_PATH, "--merge", "--shards", str(n)]
-    return _job(run, "merge", _pod_spec(run, [_container(run, "merge", cmd, 0, {})]))
+    return _job(run, "merge", _pod_template(run, "merge", [_container(run, "merge", cmd, 0, {})]))
 
 
 def build_features_job(run: Run) -> dict[str, Any]:
     cmd = ["deepspec", "features", "-c", RECIPE_PATH]
     c = _container(run, "features", cmd, run.spec.target.gpus, run.spec.training.resources)
-    return _job(run, "features", _pod_spec(run, [c]))
+    return _job(run, "features", _pod_template(run, "features", [c]))
 
 
 def checkpoint_dir(run: Run) -> str:
-    return run.under_run("draft")
+    """The training output folder (``latest`` inside names the newest checkpoint)."""
+    return run.layout().checkpoints
 
 
 def build_evaluate_job(run: Run) -> dict[str, Any]:
-    """Evaluation; its compact JSON summary comes back through the termination message."""
+    """Evaluation; its compact JSON summary comes back through the termination message (and
+    ``summary.json`` in the evaluation folder, read by :func:`build_summary_job` if the pod is gone)."""
     e = run.spec.evaluation
     cmd = [
-        "deepspec",
-        "eval",
-        "-c",
-        RECIPE_PATH,
-        "--checkpoint",
-        checkpoint_dir(run),
-        "--termination-log",
-        TERMINATION_LOG,
-    ]
-    return _job(run, "evaluate", _pod_spec(run, [_container(run, "evaluate", cmd, e.gpus, e.resources)]))
+        "deepspec", "eval", "-c", RECIPE_PATH,
+        "--checkpoint", checkpoint_dir(run),
+        "--termination-log", TERMINATION_LOG,
+    ]  # fmt: skip
+    c = _container(run, "evaluate", cmd, e.gpus, e.resources)
+    return _job(run, "evaluate", _pod_template(run, "evaluate", [c]))
+
+
+def build_summary_job(run: Run) -> dict[str, Any]:
+    """A CPU pod that copies the evaluation's ``summary.json`` into its termination message."""
+    cmd = [
+        "deepspec", "operator", "read-summary", f"{run.layout().eval_dir}/summary.json",
+        "--termination-log", TERMINATION_LOG,
+    ]  # fmt: skip
+    c = _container(run, "summary", cmd, 0, {})
+    return _job(run, "summary", _pod_template(run, "summary", [c]), backoffLimit=1)
 
 
 def build_export_job(run: Run, checkpoint: str | None = None) -> dict[str, Any]:
@@ -538,7 +742,7 @@ def build_export_job(run: Run, checkpoint: str | None = None) -> dict[str, Any]:
         "--checkpoint", checkpoint or checkpoint_dir(run),
         "--format", run.spec.export.format,
     ]  # fmt: skip
-    return _job(run, "export", _pod_spec(run, [_container(run, "export", cmd, 0, {})]))
+    return _job(run, "export", _pod_template(run, "export", [_container(run, "export", cmd, 0, {})]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -556,6 +760,8 @@ def torchrun_command(run: Run, rendezvous: bool) -> list[str]:
 
 
 def build_pytorchjob(run: Run) -> dict[str, Any]:
+    """Kubeflow PyTorchJob. ``cleanPodPolicy: Running``: when the job ends (a failed rank included),
+    pods still running are deleted, so no worker keeps its GPUs; finished pods stay for their logs."""
     t = run.spec.training
 
     def replica(count: int) -> dict[str, Any]:
@@ -564,10 +770,7 @@ def build_pytorchjob(run: Run) -> dict[str, Any]:
         return {
             "replicas": count,
             "restartPolicy": "OnFailure",
-            "template": {
-                "metadata": {"labels": run.labels("train")},
-                "spec": _pod_spec(run, [c], "OnFailure"),
-            },
+            "template": _pod_template(run, "train", [c], "OnFailure"),
         }
 
     specs = {"Master": replica(1)}
@@ -579,36 +782,51 @@ def build_pytorchjob(run: Run) -> dict[str, Any]:
         "metadata": run.metadata(run.child_name("train"), "train"),
         "spec": {
             "nprocPerNode": str(t.gpusPerNode),
-            "runPolicy": {"backoffLimit": 2, "cleanPodPolicy": "None"},
+            "runPolicy": {
+                "backoffLimit": 2,
+                "cleanPodPolicy": "Running",
+                "activeDeadlineSeconds": run.spec.deadlines.trainSeconds,
+            },
             "pytorchReplicaSpecs": specs,
         },
     }
 
 
+#: What a Trainer v1alpha1 runtime patch may set (trainer.kubeflow.org_trainjobs schema); the rest of
+#: spec.podTemplate (envFrom, runtimeClassName, priorityClassName...) belongs in the ClusterTrainingRuntime.
+TRAINJOB_POD_KEYS = ("affinity", "containers", "imagePullSecrets", "nodeSelector", "securityContext",
+                     "serviceAccountName", "tolerations", "volumes")  # fmt: skip
+TRAINJOB_CONTAINER_KEYS = ("env", "name", "securityContext", "volumeMounts")
+
+
 def build_trainjob(run: Run) -> dict[str, Any]:
     t = run.spec.training
     c = _container(run, "node", [], t.gpusPerNode, t.resources)
-    volumes, mounts = _volumes(run)
-    pod = _pod_spec(run, [{"name": "node", "volumeMounts": mounts}], "OnFailure")
-    pod.pop("restartPolicy")
-    pod["volumes"] = volumes
+    _, mounts = _volumes(run)
+    template = _pod_template(run, "train", [{"name": "node", "volumeMounts": mounts}], "OnFailure")
+    pod = {k: v for k, v in template["spec"].items() if k in TRAINJOB_POD_KEYS}
+    user_env = pod["containers"][0].get("env", [])
+    pod["containers"] = [
+        {k: v for k, v in pod["containers"][0].items() if k in TRAINJOB_CONTAINER_KEYS and k != "env"}
+    ]
     return {
         "apiVersion": "trainer.kubeflow.org/v1alpha1",
         "kind": "TrainJob",
         "metadata": run.metadata(run.child_name("train"), "train"),
         "spec": {
+            "activeDeadlineSeconds": run.spec.deadlines.trainSeconds,
             "runtimeRef": {
                 "name": t.trainingRuntime,
                 "kind": "ClusterTrainingRuntime",
                 "apiGroup": "trainer.kubeflow.org",
             },
             "trainer": {
-                "image": run.spec.image,
+                "image": run.image,
                 "command": torchrun_command(run, False)[:1],
                 "args": torchrun_command(run, False)[1:],
                 "numNodes": t.nodes,
                 "resourcesPerNode": c["resources"],
-                "env": c["env"],
+                "env": [*c["env"], *user_env],
             },
             "runtimePatches": [
                 {
@@ -617,7 +835,14 @@ def build_trainjob(run: Run) -> dict[str, Any]:
                         "template": {
                             "spec": {
                                 "replicatedJobs": [
-                                    {"name": "node", "template": {"spec": {"template": {"spec": pod}}}}
+                                    {
+                                        "name": "node",
+                                        "template": {
+                                            "spec": {
+                                                "template": {"metadata": template["metadata"], "spec": pod}
+                                            }
+                                        },
+                                    }
                                 ]
                             }
                         }
@@ -642,6 +867,7 @@ def build_all(run: Run, podmonitor: bool = True) -> list[dict[str, Any]]:
     objs: list[dict[str, Any] | None] = [
         build_pvc(run),
         build_recipe_configmap(run),
+        build_seed_job(run) if needs_seed(run) else None,
         build_server_deployment(run),
         build_server_service(run),
         build_pod_monitor(run) if podmonitor else None,

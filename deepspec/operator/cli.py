@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from pathlib import Path
 
 HELP = "Kubernetes operator: run it, print/write the CRD, render the children of a DraftTraining"
 DESCRIPTION = (
     "run: start the kopf operator (all namespaces or --namespace) with /metrics; "
     "crd: print the generated CRD (--write updates manifests/ and the chart); "
-    "render FILE: print every child object the builders produce for a DraftTraining YAML."
+    "render FILE: print every child object the builders produce for a DraftTraining YAML; "
+    "seed / read-summary: what the operator's small Jobs run inside the cluster."
 )
 
 
@@ -21,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--interval", type=float, default=15.0, help="reconcile period per resource, seconds")
     run.add_argument("--metrics-port", type=int, default=8080, help="port of /metrics (0 = off)")
+    run.add_argument("--liveness", help="liveness endpoint, e.g. http://0.0.0.0:8081/healthz")
+    run.add_argument(
+        "--peering",
+        help="kopf peering name: several replicas, one active (leader election; needs kopf's peering CRDs)",
+    )
     crd = sub.add_parser("crd", help="print the generated CRD YAML")
     crd.add_argument("--write", action="store_true", help="write manifests/crd.yaml and the chart's copy")
     render = sub.add_parser("render", help="print the child objects of a DraftTraining")
@@ -31,6 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="training backend when spec.training.backend is auto (default pytorchjob)",
     )
+    seed = sub.add_parser("seed", help="(seed Job) make a run's dataset and benchmark files exist")
+    seed.add_argument("--dataset", required=True, help="dataset path on the run volume")
+    seed.add_argument("--source", help="where to copy the dataset from when missing")
+    seed.add_argument("--benchmarks-dir", help="benchmark folder on the run volume")
+    seed.add_argument("--benchmarks", default="", help="comma-separated benchmark stems")
+    seed.add_argument("--fetch-benchmarks", action="store_true", help="build missing ones (network)")
+    summary = sub.add_parser("read-summary", help="(summary Job) print an evaluation's summary.json")
+    summary.add_argument("uri", help="summary.json path or s3:// URI")
+    summary.add_argument("--termination-log", help="also write it to this file")
 
 
 def _render(path: str, backend: str | None) -> int:
@@ -69,6 +86,30 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.action == "render":
         return _render(args.file, args.backend)
+    if args.action == "seed":
+        from deepspec.operator.seed import SeedError, seed
+
+        benchmarks = [b for b in args.benchmarks.split(",") if b]
+        try:
+            for line in seed(
+                args.dataset, args.source, args.benchmarks_dir, benchmarks, args.fetch_benchmarks
+            ):
+                print(line)
+        except SeedError as e:
+            print(f"error: {e}", file=sys.stderr)
+            with contextlib.suppress(OSError):  # the reason shows in `kubectl describe` / the status
+                Path("/dev/termination-log").write_text(str(e)[:4000], encoding="utf-8")
+            return 2
+        return 0
+    if args.action == "read-summary":
+        from deepspec.operator.seed import read_summary
+
+        try:
+            print(read_summary(args.uri, args.termination_log))
+        except (OSError, ValueError) as e:
+            print(f"error: cannot read the evaluation summary {args.uri}: {e}", file=sys.stderr)
+            return 2
+        return 0
 
     import asyncio
 
@@ -76,13 +117,19 @@ def run(args: argparse.Namespace) -> int:
 
     from deepspec.operator.handlers import build_registry
 
-    registry = build_registry(interval=args.interval, metrics_port=args.metrics_port or None)
+    # exact namespace names need no namespace/CRD scanning (nor its cluster-wide RBAC)
+    scanning = not args.namespace or any(c in ns for ns in args.namespace for c in "*?[!")
+    registry = build_registry(
+        interval=args.interval, metrics_port=args.metrics_port or None, scanning=scanning
+    )
     asyncio.run(
         kopf.operator(
             registry=registry,
             clusterwide=not args.namespace,
             namespaces=args.namespace or None,
-            standalone=True,
+            standalone=not args.peering,
+            peering_name=args.peering,
+            liveness_endpoint=args.liveness,
         )
     )
     return 0

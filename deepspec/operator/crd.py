@@ -6,6 +6,12 @@ every ref inlined, ``nullable: true`` instead of the null branch, no ``additiona
 ``properties``, ``x-kubernetes-preserve-unknown-fields`` for free-form maps, boolean
 ``exclusiveMinimum``. :func:`structural` does that conversion; :func:`build_crd` wraps it.
 
+Object fields whose Python default is an empty sub-model get ``default: {}``: the API server's
+structural defaulting then creates them (and their own defaults) before the CEL rules run, so a rule
+on ``spec.evaluation`` may select ``self.gate`` when the user wrote ``evaluation`` without ``gate``.
+Scalar defaults are emitted as pydantic gives them; a field without a default (``spec.image``) is
+never written into stored objects, so an operator upgrade can change it.
+
 The checked-in copies (``manifests/crd.yaml`` and the chart's ``crds/``) are written by
 ``deepspec operator crd --write`` and compared with a fresh generation in the tests.
 """
@@ -17,6 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
+from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue
+from pydantic_core import core_schema
 
 from deepspec.operator.spec import (
     GROUP,
@@ -102,9 +111,19 @@ def _convert(node: Any) -> Any:
     return out
 
 
+class _CRDJsonSchema(GenerateJsonSchema):
+    """JSON Schema with ``default: {}`` on object fields defaulted by a model's own constructor."""
+
+    def default_schema(self, schema: core_schema.WithDefaultSchema) -> JsonSchemaValue:
+        factory = schema.get("default_factory")
+        if isinstance(factory, type) and issubclass(factory, BaseModel):
+            return {**self.generate_inner(schema["schema"]), "default": {}}
+        return super().default_schema(schema)
+
+
 def structural(model: type) -> dict[str, Any]:
     """Structural OpenAPI v3 schema of a pydantic model."""
-    raw = model.model_json_schema()  # type: ignore[attr-defined]
+    raw = model.model_json_schema(schema_generator=_CRDJsonSchema)  # type: ignore[attr-defined]
     resolved = _resolve({k: v for k, v in raw.items() if k != "$defs"}, raw.get("$defs", {}))
     return _convert(resolved)
 

@@ -13,13 +13,13 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 PHASES = (
-    "Pending", "StartingServer", "Regenerating", "Merging", "CachingFeatures", "Training",
-    "Evaluating", "Exporting", "Succeeded", "GateFailed", "Stalled",
+    "Pending", "Seeding", "StartingServer", "Regenerating", "Merging", "CachingFeatures", "Training",
+    "Evaluating", "Exporting", "Succeeded", "GateFailed", "Stalled", "Suspended",
 )  # fmt: skip
 
 
@@ -92,8 +92,15 @@ class DraftTrainingCollector(Collector):
         )
         mismatch = GaugeMetricFamily(
             "drafttraining_target_revision_mismatch",
-            "1 when spec.target.revision differs from the revision the serving draft was evaluated on",
+            "1 when a draft serves and spec.target.revision differs from the revision it was evaluated on "
+            "(0 before the first draft serves: a first run is not a mismatch)",
             labels=key,
+        )
+        run_evaluated = GaugeMetricFamily(
+            "drafttraining_run_evaluated", "1 when the current run has an evaluation result", labels=key
+        )
+        run_started = GaugeMetricFamily(
+            "drafttraining_run_started_timestamp_seconds", "Unix time the current run started", labels=key
         )
         retries = GaugeMetricFamily(
             "drafttraining_stage_retries", "Re-creations of a stage", labels=[*key, "stage"]
@@ -129,13 +136,20 @@ class DraftTrainingCollector(Collector):
                 base.add_metric(lv, float(b))
             if serving_st.get("macroAcceptLength") is not None:
                 serving.add_metric(lv, float(serving_st["macroAcceptLength"]))
-            evaluated_rev = serving_st.get("targetRevision") if serving_st else None
+            serving_now = bool(serving_st.get("runId"))
+            evaluated_rev = serving_st.get("targetRevision") or None
             mismatch.add_metric(
-                lv, 1.0 if (target.get("revision") or None) != (evaluated_rev or None) else 0.0
+                lv, 1.0 if serving_now and (target.get("revision") or None) != evaluated_rev else 0.0
             )
+            if run.get("id"):
+                run_evaluated.add_metric(lv, 1.0 if results.get("runId") == run["id"] else 0.0)
+            if (t := _ts(run.get("startedAt"))) is not None:
+                run_started.add_metric(lv, t)
             for stage, n in sorted((run.get("attempts") or {}).items()):
                 retries.add_metric([*lv, stage], float(n))
-        yield from (info, phase, acc, ratio, macro, evaluated, base, serving, mismatch, retries)
+        yield from (
+            info, phase, acc, ratio, macro, evaluated, base, serving, mismatch, run_evaluated, run_started, retries
+        )  # fmt: skip
 
 
 class OperatorMetrics:
@@ -152,6 +166,11 @@ class OperatorMetrics:
             "drafttraining_reconcile_errors", "Reconcile passes that raised", ["namespace", "name", "reason"],
             registry=self.registry,
         )  # fmt: skip
+        self.last_loop = Gauge(
+            "drafttraining_reconcile_loop_timestamp_seconds",
+            "End of the operator's last pass over all resources (liveness)",
+            registry=self.registry,
+        )
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
         """Start the /metrics HTTP server in a thread; returns the bound port (0 = pick one)."""

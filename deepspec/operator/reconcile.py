@@ -2,31 +2,47 @@
 
 :func:`reconcile` looks at the spec, the previous status and the children that exist, creates what
 is missing for the current stage, and returns the new status plus the Events to post. It is called
-periodically (a kopf timer); calling it twice in a row changes nothing the second time, and a fresh
-operator process picks up exactly where the previous one stopped (children are found by their
-deterministic names, creation is idempotent).
+periodically; calling it twice in a row changes nothing the second time, and a fresh operator process
+picks up exactly where the previous one stopped (children are found by their deterministic names,
+creation is idempotent, finished stages are recorded in ``status.run.completed``).
 
-Stages of a run: storage -> SGLang server -> regenerate (Indexed Job) -> server scaled to zero ->
-merge -> [features] -> train (PyTorchJob | TrainJob) -> evaluate -> gate -> [export] -> Succeeded.
-A failed stage is re-created with ``-r<N>`` up to ``spec.maxRetries`` times, then the resource is
-``Stalled``. A new run id (e.g. a new ``spec.target.revision``) starts a new run; ``status.serving``
-keeps the previous draft until the new one passes the gate.
+Stages of a run: storage -> [seed] -> SGLang server -> regenerate (Indexed Job) -> server scaled to
+zero -> merge -> [features] -> train (PyTorchJob | TrainJob) -> evaluate -> gate -> [export] ->
+Succeeded. Each stage has its own id (:func:`deepspec.operator.builders.stage_ids`): when the spec
+changes, only the stages whose id changed run again; the gate is applied here on every pass, so a
+gate change re-gates without a new Job.
+
+Failure handling, the way Kubeflow's and cert-manager's controllers do it:
+
+* a failed stage is re-created with ``-r<N>`` up to ``spec.maxRetries`` times, then the resource is
+  ``Stalled``; annotating it with ``deepspec.io/retry=<any new value>`` grants a new retry budget;
+* every stage has a deadline (``spec.deadlines``; the server's covers "never ready", a Job's covers
+  pods Pending forever): past it the child is deleted and the resource is ``Stalled``;
+* a create the API server refuses (403 quota/RBAC/webhook, 422 invalid) sets ``Stalled=True`` with the
+  server's message and posts a Warning Event; the create is tried again on the next pass;
+* children of superseded runs are deleted (their GPUs freed) and a stall scales the server to zero;
+* ``spec.suspend`` suspends the running Jobs (their pods go away) and scales the server to zero;
+  clearing it resumes them.
+
+``status.serving`` keeps the previous draft until a new one passes the gate; the ``Serving`` condition
+says whether a good draft is being served, independently of ``Ready`` (the current run's state).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
+from deepspec.eval.summary import EvalSummary, gate_decision
 from deepspec.operator import builders as b
 from deepspec.operator.kube import KubeApi, KubeError
 from deepspec.operator.spec import (
+    RETRY_ANNOTATION,
     Condition,
     DraftTrainingSpec,
     DraftTrainingStatus,
@@ -35,41 +51,48 @@ from deepspec.operator.spec import (
     Serving,
 )
 
-TERMINAL = ("Succeeded", "GateFailed", "Stalled")
+#: Phases in which nothing runs until the spec changes (or a retry is requested, for Stalled).
+IDLE = ("Succeeded", "Stalled", "Suspended")
 STAGE_CONDITIONS = {
     "storage": "StorageReady",
+    "seed": "Seeded",
     "server": "ServerReady",
     "regenerate": "Regenerated",
     "merge": "Merged",
     "features": "FeaturesCached",
     "train": "Trained",
     "evaluate": "Evaluated",
+    "summary": "Evaluated",
     "gate": "GatePassed",
     "export": "Exported",
 }
 STAGE_PHASES = {
+    "seed": "Seeding",
     "regenerate": "Regenerating",
     "merge": "Merging",
     "features": "CachingFeatures",
     "train": "Training",
     "evaluate": "Evaluating",
+    "summary": "Evaluating",
     "export": "Exporting",
 }
-
-
-class EvalSummary(BaseModel):
-    """The compact evaluation summary written to the termination log (< 4 KiB)."""
-
-    v: int = 1
-    algorithm: str | None = None
-    target_revision: str | None = None
-    checkpoint: str | None = None
-    macro_accept_length: float
-    benchmarks: dict[str, dict[str, Any]] = {}
+KEPT_CONDITIONS = ("Ready", "Reconciling", "Stalled", "Serving", "Suspended")
+#: (apiVersion, kind) of children that may run pods, in deletion order.
+WORKLOAD_KINDS = (
+    ("apps/v1", "Deployment"),
+    ("batch/v1", "Job"),
+    ("kubeflow.org/v1", "PyTorchJob"),
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"),
+)
+OTHER_KINDS = (("v1", "Service"), ("monitoring.coreos.com/v1", "PodMonitor"), ("v1", "ConfigMap"))
 
 
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(value: str) -> dt.datetime:
+    return dt.datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
 
 
 @dataclass
@@ -79,6 +102,7 @@ class Outcome:
     status: DraftTrainingStatus
     events: list[tuple[str, str, str]] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
 
 
 class _Stop(Exception):
@@ -107,12 +131,27 @@ def parse_termination_message(pods: list[dict[str, Any]]) -> EvalSummary | None:
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
             term = (cs.get("state") or {}).get("terminated") or {}
             if term.get("exitCode") == 0 and term.get("message"):
-                return EvalSummary.model_validate(json.loads(term["message"]))
+                return EvalSummary.parse(term["message"])
     return None
 
 
+def _configmaps_referenced(obj: Any) -> set[str]:
+    """Names of the ConfigMaps a child's pod templates mount."""
+    found: set[str] = set()
+    if isinstance(obj, dict):
+        cm = obj.get("configMap")
+        if isinstance(cm, dict) and cm.get("name"):
+            found.add(cm["name"])
+        for v in obj.values():
+            found |= _configmaps_referenced(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            found |= _configmaps_referenced(v)
+    return found
+
+
 class Reconciler:
-    """One pass over one resource. Construct, then ``await run()``."""
+    """One pass over one resource. Construct, then ``await run_pass()``."""
 
     def __init__(self, api: KubeApi, body: dict[str, Any], now: Callable[[], str] = now_iso) -> None:
         self.api = api
@@ -125,7 +164,10 @@ class Reconciler:
         except ValidationError:
             self.status = DraftTrainingStatus()
         self.old_phase = self.status.phase
+        self.old_conditions = {c.type: (c.status, c.message) for c in self.status.conditions}
         self.out = Outcome(self.status)
+        self.blocked: tuple[str, str] | None = None  # (reason, message) of a refused create
+        self.run: b.Run | None = None
 
     # ---- status helpers ----------------------------------------------------------------------------
 
@@ -146,60 +188,126 @@ class Reconciler:
         self.status.phase = phase
         self.status.message = message or None
 
-    def stall(self, reason: str, message: str) -> None:
+    async def stall(self, reason: str, message: str) -> None:
+        """Stalled: nothing more runs until the spec changes or a retry is requested; no GPU stays held."""
         self.set_phase("Stalled", message)
         self.condition("Stalled", True, reason, message)
+        if self.run is not None:
+            await self.scale_server_to_zero("stalled")
         raise _Stop
 
     def finish(self) -> Outcome:
         s = self.status
         s.observedGeneration = self.generation
-        terminal = s.phase in TERMINAL
-        if s.phase != "Stalled":
-            self.condition("Stalled", False, "Progressing" if not terminal else s.phase)
-        self.condition("Reconciling", not terminal, s.phase or "Pending", s.message or "")
+        idle = s.phase in (*IDLE, "GateFailed")
+        if self.blocked is not None:
+            reason, message = self.blocked
+            self.condition("Stalled", True, reason, message)
+            if self.old_conditions.get("Stalled") != ("True", message):
+                self.out.events.append(("Warning", reason, message))
+        elif s.phase != "Stalled":
+            self.condition("Stalled", False, "Progressing" if not idle else s.phase or "Pending")
+        self.condition(
+            "Reconciling", not idle and self.blocked is None, s.phase or "Pending", s.message or ""
+        )
         self.condition("Ready", s.phase == "Succeeded", s.phase or "Pending", s.message or "")
+        if s.serving.runId:
+            self.condition(
+                "Serving", True, "DraftServing",
+                f"run {s.serving.runId}, accepted length {s.serving.macroAcceptLength}",
+            )  # fmt: skip
+        else:
+            self.condition("Serving", False, "NoDraftYet", "no draft has passed the gate yet")
         if s.phase != self.old_phase:
             kind = "Warning" if s.phase in ("Stalled", "GateFailed") else "Normal"
             self.out.events.append((kind, s.phase or "Pending", s.message or f"phase {s.phase}"))
         return self.out
 
+    def seconds_since(self, stamp: str | None) -> float:
+        if not stamp:
+            return 0.0
+        return (_parse_time(self.now()) - _parse_time(stamp)).total_seconds()
+
     # ---- child helpers -----------------------------------------------------------------------------
 
     async def ensure(self, obj: dict[str, Any]) -> dict[str, Any]:
-        """The live object, created from ``obj`` when absent (idempotent)."""
+        """The live object, created from ``obj`` when absent (idempotent).
+
+        A refused create (403, 422, 400) blocks the pass: ``Stalled=True`` with the server's message
+        and a Warning Event; the next pass tries again (quota freed, webhook fixed, operator upgraded).
+        """
         meta = obj["metadata"]
         live = await self.api.get(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
         if live is None:
-            live, created = await self.api.create(obj)
+            try:
+                live, created = await self.api.create(obj)
+            except KubeError as e:
+                if e.status not in (400, 403, 404, 422):
+                    raise
+                reason = "CreateForbidden" if e.status == 403 else "CreateRejected"
+                self.blocked = (
+                    reason,
+                    f"{obj['kind']} {meta['name']}: the API server refused the create (HTTP {e.status}): "
+                    f"{e.detail}",
+                )
+                raise _Stop from e
             if created:
                 self.out.created.append(f"{obj['kind']}/{meta['name']}")
         return live
 
+    def started(self, stage: str) -> str:
+        """When the current attempt of ``stage`` started (recorded on first sight)."""
+        return self.status.run.stageStartedAt.setdefault(stage, self.now())
+
+    async def check_deadline(self, stage: str, obj: dict[str, Any] | None) -> None:
+        limit = self.spec.deadlines.of("evaluate" if stage == "summary" else stage)
+        elapsed = self.seconds_since(self.started(stage))
+        if elapsed <= limit:
+            return
+        if obj is not None:
+            meta = obj["metadata"]
+            if obj["kind"] == "Deployment":
+                await self.scale_server_to_zero("deadline")
+            else:
+                await self.api.delete(obj["apiVersion"], obj["kind"], meta["namespace"], meta["name"])
+                self.out.deleted.append(f"{obj['kind']}/{meta['name']}")
+        cond = STAGE_CONDITIONS[stage]
+        message = f"{stage} did not finish within {limit} s (spec.deadlines)"
+        self.condition(cond, False, "DeadlineExceeded", message)
+        await self.stall(f"{stage.capitalize()}DeadlineExceeded", message)
+
     async def job_stage(self, stage: str, build: Callable[[b.Run], dict[str, Any]]) -> None:
         """Drive one Job-like stage; returns when it succeeded, raises _Stop otherwise."""
         cond = STAGE_CONDITIONS[stage]
+        run_status = self.status.run
+        if run_status.completed.get(stage) == self.run.stage_id(stage):
+            self.condition(cond, True, "Succeeded", run_status.children.get(stage, ""))
+            return
         while True:
             obj = build(self.run)
             live = await self.ensure(obj)
-            self.status.run.children[stage] = obj["metadata"]["name"]
+            run_status.children[stage] = obj["metadata"]["name"]
             state, message = job_state(live)
             if state == "Succeeded":
                 self.condition(cond, True, "Succeeded", obj["metadata"]["name"])
+                run_status.completed[stage] = self.run.stage_id(stage)
+                run_status.stageStartedAt.pop(stage, None)
                 return
             if state == "Running":
                 self.condition(cond, False, "InProgress", obj["metadata"]["name"])
                 self.set_phase(STAGE_PHASES[stage])
+                await self.check_deadline(stage, live)
                 raise _Stop
-            attempt = self.status.run.attempts.get(stage, 0)
-            if attempt >= self.spec.maxRetries:
+            attempt = run_status.attempts.get(stage, 0)
+            if attempt - run_status.retryBudgetFrom.get(stage, 0) >= self.spec.maxRetries:
                 self.condition(cond, False, "Failed", message)
-                self.stall(
+                await self.stall(
                     f"{stage.capitalize()}Failed",
                     f"{obj['kind']} {obj['metadata']['name']} failed after {attempt + 1} attempt(s): {message}",
                 )
-            self.status.run.attempts[stage] = attempt + 1
-            self.run = b.Run(**{**self.run.__dict__, "attempts": dict(self.status.run.attempts)})
+            run_status.attempts[stage] = attempt + 1
+            run_status.stageStartedAt.pop(stage, None)
+            self.run = self.run.with_attempts(run_status.attempts)
             self.out.events.append(
                 ("Warning", "Retrying", f"{stage} failed ({message}); attempt {attempt + 2}")
             )
@@ -211,60 +319,110 @@ class Reconciler:
             await self._run()
         return self.finish()
 
+    def _start_run(self, run_id: str, ids: dict[str, str]) -> None:
+        """A new run: stages whose id did not change keep their results (and children)."""
+        st = self.status
+        old = st.run
+        same = {k for k, v in ids.items() if old.stageIds.get(k) == v}
+        if old.id is not None:
+            rerun = [k for k in b.STAGES if k not in same]
+            self.out.events.append(
+                ("Normal", "NewRun", f"spec changed: run {old.id} -> {run_id}; re-running {', '.join(rerun)}")
+            )
+        st.run = RunStatus(
+            id=run_id,
+            targetRevision=self.spec.target.revision,
+            startedAt=self.now(),
+            stageIds=ids,
+            attempts={k: v for k, v in old.attempts.items() if k in same},
+            retryBudgetFrom={k: v for k, v in old.retryBudgetFrom.items() if k in same},
+            children={k: v for k, v in old.children.items() if k in same},
+            completed={k: v for k, v in old.completed.items() if k in same},
+            retryRequest=old.retryRequest,
+            trainingBackend=old.trainingBackend if self.spec.training.backend == "auto" else None,
+        )
+        st.conditions = [c for c in st.conditions if c.type in KEPT_CONDITIONS]
+        self.set_phase("Pending")
+
+    def _handle_retry_request(self) -> bool:
+        """A new ``deepspec.io/retry`` annotation value: a fresh retry budget for every stage."""
+        st = self.status.run
+        value = (self.meta.get("annotations") or {}).get(RETRY_ANNOTATION)
+        if not value or value == st.retryRequest:
+            return False
+        st.retryRequest = value
+        if self.status.phase != "Stalled":
+            return False
+        for stage in set(st.attempts) | set(st.children):
+            if stage in st.completed:
+                continue
+            st.attempts[stage] = st.attempts.get(stage, 0) + 1  # a fresh child name
+            st.retryBudgetFrom[stage] = st.attempts[stage]
+            st.stageStartedAt.pop(stage, None)
+        self.condition("Stalled", False, "RetryRequested", f"{RETRY_ANNOTATION}={value}")
+        self.out.events.append(("Normal", "RetryRequested", f"{RETRY_ANNOTATION}={value}"))
+        self.set_phase("Pending")
+        return True
+
     async def _run(self) -> None:
         try:
             self.spec = DraftTrainingSpec.model_validate(self.body.get("spec") or {})
         except ValidationError as e:
-            self.stall("InvalidSpec", _short_errors(e))
+            await self.stall("InvalidSpec", _short_errors(e))
+        ids = b.stage_ids(self.spec)
         run_id = b.run_id_of(self.spec)
         st = self.status
         if st.run.id != run_id:
-            if st.run.id is not None:
-                self.out.events.append(("Normal", "NewRun", f"spec changed: run {st.run.id} -> {run_id}"))
-            st.run = RunStatus(id=run_id, targetRevision=self.spec.target.revision, startedAt=self.now())
-            st.conditions = [c for c in st.conditions if c.type in ("Ready", "Reconciling", "Stalled")]
-            self.set_phase("Pending")
-        elif st.phase in TERMINAL:
-            raise _Stop
+            self._start_run(run_id, ids)
+        retried = self._handle_retry_request()
         self.run = b.Run(
             self.meta["name"], self.meta["namespace"], self.meta.get("uid", ""), self.spec, run_id,
-            attempts=dict(st.run.attempts), training_backend=await self.training_backend(),
+            attempts=dict(st.run.attempts), training_backend=await self.training_backend(), ids=ids,
         )  # fmt: skip
         st.run.trainingBackend = self.run.training_backend
         st.run.storageUri = self.run.storage_uri
+        await self.remove_superseded_children()
+
+        if self.spec.suspend:
+            await self.suspend()
+        if st.phase == "Suspended":
+            await self.resume()
+        if st.phase == "Stalled" and not retried:
+            raise _Stop
+        if st.phase == "Succeeded" and st.serving.runId == run_id:
+            raise _Stop
 
         # storage + recipe
         try:
             configmap = b.build_recipe_configmap(self.run)
         except (ValidationError, ValueError) as e:
-            self.stall("InvalidRecipe", _short_errors(e) if isinstance(e, ValidationError) else str(e))
-        pvc = b.build_pvc(self.run)
-        if pvc is not None:
-            await self.ensure(pvc)
+            await self.stall("InvalidRecipe", _short_errors(e) if isinstance(e, ValidationError) else str(e))
+        await self.ensure_storage()
         await self.ensure(configmap)
         self.condition("StorageReady", True, "Provisioned", self.run.storage_uri)
 
-        # server + regeneration
-        regen = await self.api.get("batch/v1", "Job", self.run.namespace, self.run.child_name("regenerate"))
-        if regen is None or job_state(regen)[0] != "Succeeded":
+        if b.needs_seed(self.run):
+            await self.job_stage("seed", b.build_seed_job)
+        if st.run.completed.get("regenerate") != self.run.stage_id("regenerate"):
             await self.ensure_server()
             await self.job_stage("regenerate", b.build_regenerate_job)
         else:
-            self.condition("Regenerated", True, "Succeeded", regen["metadata"]["name"])
-        await self.scale_server_to_zero()
+            self.condition("Regenerated", True, "Succeeded", st.run.children.get("regenerate", ""))
+        await self.scale_server_to_zero("regeneration finished")
 
         await self.job_stage("merge", b.build_merge_job)
         if self.spec.features.mode == "offline":
             await self.job_stage("features", b.build_features_job)
         await self.job_stage("train", b.build_training)
         await self.evaluate()
+        self.apply_gate()
         if self.spec.export.enabled:
             ckpt = st.results.checkpoint
             await self.job_stage("export", lambda r: b.build_export_job(r, ckpt))
         st.serving = Serving(
             runId=self.run.run_id,
             checkpoint=st.results.checkpoint,
-            exportUri=self.run.under_run("export") if self.spec.export.enabled else None,
+            exportUri=self.run.layout().export_dir if self.spec.export.enabled else None,
             targetRevision=st.run.targetRevision,
             macroAcceptLength=st.results.macroAcceptLength,
             since=self.now(),
@@ -283,80 +441,215 @@ class Reconciler:
             return "pytorchjob"
         if await self.api.served("trainer.kubeflow.org/v1alpha1", "TrainJob"):
             return "trainjob"
-        self.stall(
+        await self.stall(
             "NoTrainingBackend",
             "neither kubeflow.org/v1 PyTorchJob nor trainer.kubeflow.org TrainJob is served",
         )
         raise AssertionError  # unreachable
+
+    # ---- storage -----------------------------------------------------------------------------------
+
+    async def ensure_storage(self) -> None:
+        """The run volume; a larger ``storage.pvc.size`` expands the existing claim."""
+        pvc = b.build_pvc(self.run)
+        if pvc is None:
+            return
+        live = await self.ensure(pvc)
+        want = pvc["spec"]["resources"]["requests"]["storage"]
+        have = (((live.get("spec") or {}).get("resources") or {}).get("requests") or {}).get("storage")
+        if have and have != want and _quantity(want) > _quantity(have):
+            await self.api.patch(
+                "v1", "PersistentVolumeClaim", self.run.namespace, pvc["metadata"]["name"],
+                {"spec": {"resources": {"requests": {"storage": want}}}},
+            )  # fmt: skip
+            self.out.events.append(
+                ("Normal", "VolumeExpanding", f"{pvc['metadata']['name']}: {have} -> {want}")
+            )
+
+    # ---- the SGLang server -------------------------------------------------------------------------
 
     async def ensure_server(self) -> None:
         dep = await self.ensure(b.build_server_deployment(self.run))
         await self.ensure(b.build_server_service(self.run))
         if await self.api.served("monitoring.coreos.com/v1", "PodMonitor"):
             await self.ensure(b.build_pod_monitor(self.run))
-        self.status.run.children["server"] = dep["metadata"]["name"]
+        name = dep["metadata"]["name"]
+        self.status.run.children["server"] = name
+        if (dep.get("spec") or {}).get("replicas", 1) < 1:  # scaled down earlier (stall, suspend)
+            await self.api.patch("apps/v1", "Deployment", self.run.namespace, name, {"spec": {"replicas": 1}})
+            self.status.run.stageStartedAt["server"] = self.now()
         if ((dep.get("status") or {}).get("readyReplicas") or 0) < 1:
             self.condition("ServerReady", False, "Starting", "waiting for /health_generate")
             self.set_phase("StartingServer")
+            await self.check_deadline("server", dep)
             raise _Stop
+        self.status.run.stageStartedAt.pop("server", None)
         self.condition("ServerReady", True, "Ready", b.server_url(self.run))
 
-    async def scale_server_to_zero(self) -> None:
+    async def scale_server_to_zero(self, why: str) -> None:
         name = b.server_name(self.run)
         dep = await self.api.get("apps/v1", "Deployment", self.run.namespace, name)
         if dep is not None and (dep.get("spec") or {}).get("replicas", 1) > 0:
             await self.api.patch("apps/v1", "Deployment", self.run.namespace, name, {"spec": {"replicas": 0}})
+            self.out.events.append(("Normal", "ServerScaledDown", f"{name} scaled to zero: {why}"))
+        if dep is not None:
+            self.condition("ServerReady", False, "ScaledDown", why)
+
+    # ---- GPU hygiene -------------------------------------------------------------------------------
+
+    async def remove_superseded_children(self) -> None:
+        """Delete children of other runs (their stage id is not the current one): no GPU is left behind.
+
+        The volume is never touched; ConfigMaps still mounted by a kept child stay.
+        """
+        run = self.run
+        current = {k: run.stage_id(k) for k in (*b.STAGES, "server", "summary")}
+        selector = {"app.kubernetes.io/instance": run.name, "app.kubernetes.io/managed-by": b.MANAGED_BY}
+        kept: list[dict[str, Any]] = []
+        doomed: list[dict[str, Any]] = []
+        for api_version, kind in (*WORKLOAD_KINDS, *OTHER_KINDS):
+            if not await self.served(api_version, kind):
+                continue
+            for obj in await self.api.list(api_version, kind, run.namespace, selector):
+                labels = obj["metadata"].get("labels") or {}
+                component = labels.get("app.kubernetes.io/component", "")
+                if kind == "ConfigMap":
+                    (kept if labels.get("deepspec.io/run") == run.run_id else doomed).append(obj)
+                elif component in current and labels.get("deepspec.io/stage-id") != current[component]:
+                    doomed.append(obj)
+                else:
+                    kept.append(obj)
+        mounted = set().union(*(_configmaps_referenced(o.get("spec")) for o in kept)) if kept else set()
+        for obj in doomed:
+            meta = obj["metadata"]
+            if obj["kind"] == "ConfigMap" and meta["name"] in mounted:
+                continue
+            if await self.api.delete(
+                obj.get("apiVersion") or "", obj["kind"], meta["namespace"], meta["name"]
+            ):
+                self.out.deleted.append(f"{obj['kind']}/{meta['name']}")
+        if self.out.deleted:
             self.out.events.append(
-                ("Normal", "ServerScaledDown", f"{name} scaled to zero after regeneration")
+                ("Normal", "SupersededChildrenDeleted", ", ".join(self.out.deleted)[:1000])
             )
-        self.condition("ServerReady", False, "ScaledDown", "regeneration finished")
+
+    async def served(self, api_version: str, kind: str) -> bool:
+        return (
+            "/" not in api_version
+            or api_version in ("apps/v1", "batch/v1")
+            or await self.api.served(api_version, kind)
+        )
+
+    # ---- suspend / resume --------------------------------------------------------------------------
+
+    def _suspend_patch(self, kind: str, value: bool) -> dict[str, Any]:
+        if kind == "PyTorchJob":
+            return {"spec": {"runPolicy": {"suspend": value}}}
+        return {"spec": {"suspend": value}}
+
+    def _current_jobs(self) -> list[tuple[str, str, str]]:
+        out = []
+        for stage, name in self.status.run.children.items():
+            if stage == "server" or stage in self.status.run.completed:
+                continue
+            if stage == "train":
+                kind = "TrainJob" if self.run.training_backend == "trainjob" else "PyTorchJob"
+                api_version = "trainer.kubeflow.org/v1alpha1" if kind == "TrainJob" else "kubeflow.org/v1"
+            else:
+                kind, api_version = "Job", "batch/v1"
+            out.append((api_version, kind, name))
+        return out
+
+    async def suspend(self) -> None:
+        """Suspend the running Jobs (Kubernetes deletes their pods) and scale the server to zero."""
+        if self.status.phase != "Suspended":
+            for api_version, kind, name in self._current_jobs():
+                with contextlib.suppress(KubeError):
+                    await self.api.patch(
+                        api_version, kind, self.run.namespace, name, self._suspend_patch(kind, True)
+                    )
+            await self.scale_server_to_zero("suspended")
+            self.status.run.stageStartedAt.clear()
+            self.status.message = None
+        self.condition("Suspended", True, "Suspended", "spec.suspend is true")
+        self.set_phase("Suspended", "spec.suspend is true")
+        raise _Stop
+
+    async def resume(self) -> None:
+        for api_version, kind, name in self._current_jobs():
+            with contextlib.suppress(KubeError):
+                await self.api.patch(
+                    api_version, kind, self.run.namespace, name, self._suspend_patch(kind, False)
+                )
+        self.condition("Suspended", False, "Resumed", "spec.suspend is false")
+        self.set_phase("Pending")
+
+    # ---- evaluation and the gate -------------------------------------------------------------------
 
     async def evaluate(self) -> None:
         st = self.status
         await self.job_stage("evaluate", b.build_evaluate_job)
-        if st.results.runId != self.run.run_id:
-            job = self.run.child_name("evaluate")
-            pods = await self.api.list("v1", "Pod", self.run.namespace, {"job-name": job})
-            try:
-                summary = parse_termination_message(pods)
-            except (ValueError, ValidationError) as e:
-                self.stall("BadEvalSummary", f"termination message of {job} is not a summary: {e}")
-            if summary is None:
-                self.stall("NoEvalSummary", f"no pod of {job} left a termination message")
-            st.results = Results(
-                runId=self.run.run_id,
-                macroAcceptLength=summary.macro_accept_length,
-                benchmarks={k: v for k, v in summary.benchmarks.items()},
-                checkpoint=summary.checkpoint or b.checkpoint_dir(self.run),
-                targetRevision=summary.target_revision or st.run.targetRevision,
-                evaluatedAt=self.now(),
-            )
-        passed, why = gate(self.spec, st)
-        st.results.gatePassed = passed
-        self.condition("GatePassed", passed, "Passed" if passed else "BelowGate", why)
-        if not passed:
-            self.set_phase("GateFailed", why)
+        eval_id = self.run.stage_id("evaluate")
+        if st.results.evaluateId == eval_id:
+            return
+        job = st.run.children.get("evaluate") or self.run.child_name("evaluate")
+        summary = await self._summary_of(job)
+        if summary is None:  # the pod is gone (evicted, garbage-collected): read summary.json instead
+            await self.job_stage("summary", b.build_summary_job)
+            summary = await self._summary_of(st.run.children["summary"])
+        if summary is None:
+            await self.stall("NoEvalSummary", f"neither {job} nor its summary reader left a summary")
+        st.results = Results(
+            runId=self.run.run_id,
+            evaluateId=eval_id,
+            macroAcceptLength=summary.macro_accept_length,
+            benchmarks={k: v.model_dump() for k, v in summary.benchmarks.items()},
+            checkpoint=summary.checkpoint or b.checkpoint_dir(self.run),
+            targetRevision=summary.target_revision or st.run.targetRevision,
+            evaluatedAt=self.now(),
+        )
+
+    async def _summary_of(self, job: str) -> EvalSummary | None:
+        pods = await self.api.list("v1", "Pod", self.run.namespace, {"job-name": job})
+        try:
+            return parse_termination_message(pods)
+        except (ValueError, ValidationError) as e:
+            await self.stall("BadEvalSummary", f"termination message of {job} is not a summary: {e}")
+        return None
+
+    def apply_gate(self) -> None:
+        """The acceptance gate (deepspec.eval.summary.gate_decision), on every pass: a gate change
+        re-gates the existing result; ``GateFailed`` lasts until the gate or the run changes."""
+        st = self.status
+        decision = gate_decision(
+            st.results.macroAcceptLength, self.spec.evaluation.gate, baseline(self.spec, st)
+        )
+        st.results.gatePassed = decision.passed
+        self.condition(
+            "GatePassed", decision.passed, "Passed" if decision.passed else "BelowGate", decision.reason
+        )
+        if not decision.passed:
+            self.set_phase("GateFailed", decision.reason)
             raise _Stop
 
 
 def baseline(spec: DraftTrainingSpec, status: DraftTrainingStatus) -> float | None:
-    """The accepted length to beat: the serving draft's, else the spec's baseline."""
+    """The accepted length to beat: the serving draft's (of another run), else the spec's baseline."""
     if status.serving.macroAcceptLength is not None and status.serving.runId != status.run.id:
         return status.serving.macroAcceptLength
     return spec.evaluation.baselineAcceptLength
 
 
-def gate(spec: DraftTrainingSpec, status: DraftTrainingStatus) -> tuple[bool, str]:
-    """(passed, explanation) of the acceptance gate for ``status.results``."""
-    g, tau = spec.evaluation.gate, status.results.macroAcceptLength
-    if tau is None:
-        return False, "no evaluation result"
-    if g.min_accept_length is not None and tau < g.min_accept_length:
-        return False, f"accepted length {tau:.3f} < min_accept_length {g.min_accept_length}"
-    base = baseline(spec, status)
-    if g.max_drop is not None and base is not None and tau < base - g.max_drop:
-        return False, f"accepted length {tau:.3f} dropped more than {g.max_drop} below baseline {base:.3f}"
-    return True, f"accepted length {tau:.3f}" + (f" (baseline {base:.3f})" if base is not None else "")
+_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+           "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}  # fmt: skip
+
+
+def _quantity(q: str) -> float:
+    """Bytes of a Kubernetes storage quantity (``500Gi``, ``1T``, ``1e9``)."""
+    for suffix in sorted(_SUFFIX, key=len, reverse=True):
+        if q.endswith(suffix):
+            return float(q[: -len(suffix)]) * _SUFFIX[suffix]
+    return float(q)
 
 
 def _short_errors(e: ValidationError) -> str:
@@ -364,7 +657,7 @@ def _short_errors(e: ValidationError) -> str:
 
 
 async def reconcile(api: KubeApi, body: dict[str, Any], now: Callable[[], str] = now_iso) -> Outcome:
-    """One level-based pass; see the module docstring. API errors propagate (kopf retries the timer)."""
+    """One level-based pass; see the module docstring. API errors propagate (the loop retries)."""
     return await Reconciler(api, body, now).run_pass()
 
 

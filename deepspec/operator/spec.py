@@ -2,16 +2,21 @@
 
 The spec is *composed from the recipe models* in :mod:`deepspec.config`:
 
-* whole recipe sections are embedded as they are (``regeneration.sampling`` is a
+* whole recipe sections are embedded through :func:`camel_section` (``regeneration.sampling`` is a
   :class:`~deepspec.config.SamplingConfig`, ``evaluation.gate`` a :class:`~deepspec.config.GateConfig`,
-  ``features`` a :class:`~deepspec.config.FeaturesConfig`), so their keys are the recipe's keys;
+  ``features`` a :class:`~deepspec.config.FeaturesConfig`): same fields, bounds and descriptions, but
+  camelCase keys in the resource (``topP``, ``minAcceptLength``) as Kubernetes API conventions want;
+  the recipe YAML keeps its snake_case names (``model_dump()`` gives field names);
 * single operator-facing fields borrow the recipe field's type constraints, default and description
   through :func:`recipe_field` (``target.servedModelName`` *is* ``TargetConfig.served_model_name``);
 * operator-only fields (images, GPUs, storage, scheduling) are defined here in Kubernetes camelCase.
 
 Cross-field rules exist twice on purpose: as CEL ``x-kubernetes-validations`` (enforced by the API
-server, declared with :func:`cel`) and as pydantic validators (enforced by the operator and mirrored
-in the tests). Each CEL rule sits next to its Python twin.
+server, declared with :func:`cel`) and as pydantic validators (enforced by the operator). Each CEL rule
+sits next to its Python twin; the tests evaluate the CEL rules with a real CEL runtime after
+structural defaulting (object fields default to ``{}`` so a rule may select ``self.gate`` even when the
+user left ``gate`` out). Rules only select fields that are required or defaulted, or guard with
+``has()``: on the API server, selecting an absent field is an evaluation error that rejects the object.
 """
 
 from __future__ import annotations
@@ -20,12 +25,12 @@ import copy
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.alias_generators import to_camel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from deepspec.config import (
     DataConfig,
-    DraftCommonConfig,
     EvaluationConfig,
     ExportConfig,
     FeaturesConfig,
@@ -45,7 +50,10 @@ SINGULAR = "drafttraining"
 SHORT_NAMES = ["dt"]
 
 DEFAULT_IMAGE = "ghcr.io/deepspec/deepspec:0.1.0"
+#: The operator's deployment sets this to its own image; Jobs use it when ``spec.image`` is unset.
+IMAGE_ENV = "DEEPSPEC_JOB_IMAGE"
 DEFAULT_SGLANG_IMAGE = "lmsysorg/sglang:v0.5.4-cu126"
+RETRY_ANNOTATION = "deepspec.io/retry"
 
 
 def recipe_field(model: type[BaseModel], name: str, **changes: Any) -> Any:
@@ -68,6 +76,51 @@ class SpecModel(BaseModel):
     """Base of the spec models: unknown keys are errors (the API server prunes them anyway)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+CAMEL = ConfigDict(alias_generator=to_camel, extra="forbid", validate_assignment=True)
+
+
+def camel_section(model: type[BaseModel]) -> Any:
+    """``model`` with camelCase keys: the resource says ``topP``, the recipe built from it ``top_p``."""
+    return type(model.__name__.replace("Config", "Spec"), (model,), {
+        "model_config": CAMEL, "__doc__": model.__doc__, "__module__": __name__,
+    })  # fmt: skip
+
+
+SamplingSpec = camel_section(SamplingConfig)
+GateSpec = camel_section(GateConfig)
+
+
+class PodTemplate(SpecModel):
+    """Additions to the pods the operator creates (server, Jobs, training workers).
+
+    Lists are appended to the operator's own entries, maps merged over them; ``podSpec`` is any further
+    core PodSpec field (e.g. ``hostNetwork``, ``dnsConfig``), set as given.
+    """
+
+    labels: dict[str, str] = Field(default_factory=dict, description="Pod labels (queue names...).")
+    annotations: dict[str, str] = Field(
+        default_factory=dict, description="Pod annotations (mesh opt-outs...)."
+    )
+    imagePullSecrets: list[dict[str, Any]] = Field(default_factory=list, description="LocalObjectReferences.")
+    env: list[dict[str, Any]] = Field(
+        default_factory=list, description="EnvVars of every container (HF_TOKEN...)."
+    )
+    envFrom: list[dict[str, Any]] = Field(
+        default_factory=list, description="EnvFromSources of every container."
+    )
+    volumes: list[dict[str, Any]] = Field(default_factory=list, description="Extra pod volumes.")
+    volumeMounts: list[dict[str, Any]] = Field(
+        default_factory=list, description="Mounts of the extra volumes."
+    )
+    nodeSelector: dict[str, str] = Field(default_factory=dict, description="Node selector.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Core Toleration objects.")
+    affinity: dict[str, Any] = Field(default_factory=dict, description="Core Affinity.")
+    priorityClassName: str | None = Field(None, description="Priority class.")
+    runtimeClassName: str | None = Field(None, description="Runtime class (e.g. nvidia).")
+    schedulerName: str | None = Field(None, description="Scheduler (e.g. a batch scheduler).")
+    podSpec: dict[str, Any] = Field(default_factory=dict, description="Other PodSpec fields, set as given.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,7 +148,8 @@ class TargetSpec(SpecModel):
         "model",
         default=PydanticUndefined,
         description=(
-            "Target model: HF hub id (the server downloads it into the model cache) or a path on the run's volume."
+            "Target model: HF hub id (the server downloads it into the model cache) or an absolute path "
+            "under /data (the run volume, mounted read-only in the server too)."
         ),
     )
     revision: str | None = recipe_field(TargetConfig, "revision")
@@ -116,6 +170,9 @@ class TargetSpec(SpecModel):
     extraArgs: list[str] = Field(default_factory=list, description="Extra sglang.launch_server flags.")
     resources: dict[str, Any] = Field(
         default_factory=dict, description="Container resources (core ResourceRequirements); GPUs are added."
+    )
+    podTemplate: PodTemplate = Field(
+        default_factory=PodTemplate, description="Server-only pod additions (over spec.podTemplate)."
     )
 
     @model_validator(mode="after")
@@ -143,6 +200,13 @@ class DatasetSpec(SpecModel):
             "JSONL conversations: a path relative to the run volume's root (/data), an absolute path, or s3://."
         ),
     )
+    source: str | None = Field(
+        None,
+        description=(
+            "Where to copy a relative `path` from when the run volume lacks it (seed Job): https://..., "
+            "s3://bucket/key or hf://datasets/<repo>/<file>. Unset: the file must already be on the volume."
+        ),
+    )
     format: Literal["auto", "openai", "sharegpt", "turns"] = recipe_field(DataConfig, "format")
     maxSamples: int | None = recipe_field(DataConfig, "max_samples")
     maxLength: int = recipe_field(DataConfig, "max_length")
@@ -153,8 +217,8 @@ class RegenerationSpec(SpecModel):
 
     replicas: int = Field(1, ge=1, le=512, description="Shards = Job completions = parallel pods.")
     concurrency: int = recipe_field(RegenerationConfig, "concurrency")
-    sampling: SamplingConfig = Field(
-        default_factory=SamplingConfig, description="Recipe keys (SamplingConfig)."
+    sampling: SamplingSpec = Field(  # type: ignore[valid-type]
+        default_factory=SamplingSpec, description="Recipe sampling (SamplingConfig, camelCase keys)."
     )
     thinking: bool | None = recipe_field(RegenerationConfig, "thinking")
     maxRetries: int = recipe_field(RegenerationConfig, "max_retries")
@@ -167,24 +231,25 @@ class RegenerationSpec(SpecModel):
 
 
 class FeaturesSpec(FeaturesConfig):
-    """Recipe keys (FeaturesConfig). A relative cache_path resolves under the run's storage."""
+    """Recipe FeaturesConfig, camelCase keys. A relative cachePath resolves under the run's storage."""
 
     model_config = ConfigDict(
+        **CAMEL,
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
-                    "self.mode != 'offline' || (has(self.cache_path) && self.cache_path != '')",
-                    "features.cache_path is required when features.mode is 'offline'",
-                    ".cache_path",
+                    "self.mode != 'offline' || (has(self.cachePath) && self.cachePath != '')",
+                    "features.cachePath is required when features.mode is 'offline'",
+                    ".cachePath",
                 )
             ]
-        }
+        },
     )
 
     @model_validator(mode="after")
     def _offline_needs_cache(self) -> FeaturesSpec:
         if self.mode == "offline" and not self.cache_path:
-            raise ValueError("features.cache_path is required when features.mode is 'offline'")
+            raise ValueError("features.cachePath is required when features.mode is 'offline'")
         return self
 
 
@@ -203,7 +268,7 @@ class TrainingSpec(SpecModel):
         }
     )
 
-    algorithm: Literal["eagle3", "dflash", "dspark"] = recipe_field(DraftCommonConfig, "algorithm")
+    algorithm: Literal["eagle3", "dflash", "dspark"] = Field("eagle3", description="Draft algorithm.")
     backend: Literal["auto", "pytorchjob", "trainjob"] = Field(
         "auto", description="'auto' = PyTorchJob when kubeflow.org/v1 is served, else TrainJob."
     )
@@ -223,6 +288,9 @@ class TrainingSpec(SpecModel):
         "torch-distributed", description="TrainJob: name of the ClusterTrainingRuntime to reference."
     )
     resources: dict[str, Any] = Field(default_factory=dict, description="Container resources per node.")
+    podTemplate: PodTemplate = Field(
+        default_factory=PodTemplate, description="Training-only pod additions (over spec.podTemplate)."
+    )
 
     @model_validator(mode="after")
     def _some_gpus(self) -> TrainingSpec:
@@ -243,14 +311,14 @@ class EvaluationSpec(SpecModel):
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel(
-                    "!has(self.gate.min_accept_length) || self.gate.min_accept_length <= double(self.numProposals) + 1.0",
-                    "evaluation.gate.min_accept_length cannot exceed evaluation.numProposals + 1",
-                    ".gate.min_accept_length",
+                    "!has(self.gate.minAcceptLength) || self.gate.minAcceptLength <= double(self.numProposals) + 1.0",
+                    "evaluation.gate.minAcceptLength cannot exceed evaluation.numProposals + 1",
+                    ".gate.minAcceptLength",
                 ),
                 cel(
-                    "!has(self.gate.max_drop) || self.gate.max_drop < double(self.numProposals)",
-                    "evaluation.gate.max_drop must be below evaluation.numProposals",
-                    ".gate.max_drop",
+                    "!has(self.gate.maxDrop) || self.gate.maxDrop < double(self.numProposals)",
+                    "evaluation.gate.maxDrop must be below evaluation.numProposals",
+                    ".gate.maxDrop",
                 ),
             ]
         }
@@ -272,7 +340,17 @@ class EvaluationSpec(SpecModel):
     numProposals: int = recipe_field(EvaluationConfig, "num_proposals")
     temperature: float = recipe_field(EvaluationConfig, "temperature")
     thinking: bool = recipe_field(EvaluationConfig, "thinking")
-    gate: GateConfig = Field(default_factory=GateConfig, description="Recipe keys (GateConfig).")
+    benchmarksSource: Literal["volume", "fetch"] = Field(
+        "volume",
+        description=(
+            "'fetch': the seed Job builds missing benchmark files with `deepspec benchmarks fetch` (needs "
+            "network); 'volume': they must already be in benchmarksDir."
+        ),
+    )
+    gate: GateSpec = Field(  # type: ignore[valid-type]
+        default_factory=GateSpec,
+        description="Acceptance gate (GateConfig, camelCase keys), applied by the operator.",
+    )
     baselineAcceptLength: float | None = Field(
         None,
         ge=1.0,
@@ -285,9 +363,9 @@ class EvaluationSpec(SpecModel):
     def _gate_sane(self) -> EvaluationSpec:
         g = self.gate
         if g.min_accept_length is not None and g.min_accept_length > self.numProposals + 1:
-            raise ValueError("evaluation.gate.min_accept_length cannot exceed evaluation.numProposals + 1")
+            raise ValueError("evaluation.gate.minAcceptLength cannot exceed evaluation.numProposals + 1")
         if g.max_drop is not None and g.max_drop >= self.numProposals:
-            raise ValueError("evaluation.gate.max_drop must be below evaluation.numProposals")
+            raise ValueError("evaluation.gate.maxDrop must be below evaluation.numProposals")
         return self
 
 
@@ -304,14 +382,24 @@ class ExportSpec(SpecModel):
 
 
 class PVCStorage(SpecModel):
-    """A PersistentVolumeClaim mounted at /data in every pod."""
+    """A PersistentVolumeClaim mounted at /data in every Job pod."""
 
-    size: str = Field("500Gi", description="Requested size (ignored with existingClaim).")
+    size: str = Field(
+        "500Gi", description="Requested size; raising it later expands the claim (storage class permitting)."
+    )
     storageClassName: str | None = Field(None, description="Storage class (cluster default when unset).")
-    accessMode: Literal["ReadWriteMany", "ReadWriteOnce"] = Field(
-        "ReadWriteMany", description="ReadWriteMany is needed when Jobs run on several nodes."
+    accessMode: Literal["ReadWriteOnce", "ReadWriteMany"] = Field(
+        "ReadWriteOnce",
+        description="ReadWriteOnce works on most default storage classes; multi-node training needs ReadWriteMany.",
     )
     existingClaim: str | None = Field(None, description="Use this PVC instead of creating one.")
+    retentionPolicy: Literal["Retain", "Delete"] = Field(
+        "Retain",
+        description=(
+            "On deletion of the DraftTraining: 'Retain' keeps the claim with its drafts and exports "
+            "(status.serving points there), 'Delete' lets the garbage collector remove it."
+        ),
+    )
 
 
 class SecretRef(SpecModel):
@@ -321,26 +409,27 @@ class SecretRef(SpecModel):
 
 
 class S3Storage(SpecModel):
-    """An S3 prefix; credentials come from a Secret (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)."""
+    """An S3 prefix. Credentials: the Secret's AWS_* keys, else the pod's service account (IRSA...)."""
 
-    bucket: str | None = Field(None, description="Bucket name.")
+    bucket: str = Field(..., min_length=1, description="Bucket name.")
     prefix: str = Field("deepspec", description="Key prefix under the bucket.")
     endpointUrl: str | None = recipe_field(StorageConfig, "s3_endpoint_url")
-    credentialsSecretRef: SecretRef | None = Field(None, description="Secret with the AWS_* credential keys.")
+    credentialsSecretRef: SecretRef | None = Field(
+        None,
+        description=(
+            "Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. Unset: boto3's default chain, e.g. "
+            "IRSA / EKS Pod Identity / Workload Identity through spec.serviceAccountName."
+        ),
+    )
 
 
 class StorageSpec(SpecModel):
-    """Run artefacts live under /data/<resource>/<run-id>/ (PVC) or s3://bucket/prefix/<resource>/<run-id>/."""
+    """Artefacts live under /data/<resource>/<stage>-<id>/ (PVC) or s3://bucket/prefix/<ns>/<resource>/..."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
                 cel("!(has(self.pvc) && has(self.s3))", "storage: set either pvc or s3, not both", ".s3"),
-                cel(
-                    "!has(self.s3) || (has(self.s3.bucket) && self.s3.bucket != '' && has(self.s3.credentialsSecretRef))",
-                    "storage.s3 needs bucket and credentialsSecretRef",
-                    ".s3",
-                ),
             ]
         }
     )
@@ -352,8 +441,6 @@ class StorageSpec(SpecModel):
     def _one_backend(self) -> StorageSpec:
         if self.pvc is not None and self.s3 is not None:
             raise ValueError("storage: set either pvc or s3, not both")
-        if self.s3 is not None and (not self.s3.bucket or self.s3.credentialsSecretRef is None):
-            raise ValueError("storage.s3 needs bucket and credentialsSecretRef")
         return self
 
     @property
@@ -364,12 +451,20 @@ class StorageSpec(SpecModel):
         return self.pvc or PVCStorage()
 
 
-class SchedulingSpec(SpecModel):
-    """Placement of every pod the operator creates."""
+class DeadlinesSpec(SpecModel):
+    """Longest time each stage may take (pods Pending included) before the resource is Stalled."""
 
-    nodeSelector: dict[str, str] = Field(default_factory=dict, description="Node selector.")
-    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Core Toleration objects.")
-    priorityClassName: str | None = Field(None, description="Priority class of every pod.")
+    serverReadySeconds: int = Field(3600, ge=60, description="SGLang server: created to ready.")
+    seedSeconds: int = Field(7200, ge=60)
+    regenerateSeconds: int = Field(2 * 86400, ge=60)
+    mergeSeconds: int = Field(7200, ge=60)
+    featuresSeconds: int = Field(2 * 86400, ge=60)
+    trainSeconds: int = Field(14 * 86400, ge=60)
+    evaluateSeconds: int = Field(86400, ge=60)
+    exportSeconds: int = Field(7200, ge=60)
+
+    def of(self, stage: str) -> int:
+        return int(getattr(self, "serverReadySeconds" if stage == "server" else f"{stage}Seconds"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,6 +475,20 @@ class SchedulingSpec(SpecModel):
 class DraftTrainingSpec(SpecModel):
     """Desired state: a draft model for ``target``, trained, evaluated and exported."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.training.nodes == 1 || has(self.storage.s3) || "
+                    "(has(self.storage.pvc) && has(self.storage.pvc.accessMode) && "
+                    "self.storage.pvc.accessMode == 'ReadWriteMany')",
+                    "training.nodes > 1 needs storage.pvc.accessMode ReadWriteMany or storage.s3",
+                    ".storage",
+                )
+            ]
+        }
+    )
+
     target: TargetSpec
     dataset: DatasetSpec
     regeneration: RegenerationSpec = Field(default_factory=RegenerationSpec)
@@ -388,11 +497,28 @@ class DraftTrainingSpec(SpecModel):
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
-    scheduling: SchedulingSpec = Field(default_factory=SchedulingSpec)
-    image: str = Field(DEFAULT_IMAGE, description="deepspec image of every Job (regenerate, train, eval...).")
+    podTemplate: PodTemplate = Field(
+        default_factory=PodTemplate, description="Additions to every pod (server, Jobs, training)."
+    )
+    deadlines: DeadlinesSpec = Field(default_factory=DeadlinesSpec)
+    suspend: bool = Field(
+        False, description="Suspend: running Jobs are suspended (pods removed), the server scaled to zero."
+    )
+    image: str | None = Field(
+        None, description="deepspec image of every Job (default: the operator's own image)."
+    )
     imagePullPolicy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent")
-    serviceAccountName: str | None = Field(None, description="Service account of the workload pods.")
+    serviceAccountName: str | None = Field(
+        None, description="Service account of the workload pods (S3 via IRSA / Workload Identity)."
+    )
     maxRetries: int = Field(2, ge=0, le=10, description="Re-creations of a failed stage before Stalled.")
+
+    @model_validator(mode="after")
+    def _multi_node_storage(self) -> DraftTrainingSpec:
+        pvc = self.storage.effective_pvc
+        if self.training.nodes > 1 and pvc is not None and pvc.accessMode != "ReadWriteMany":
+            raise ValueError("training.nodes > 1 needs storage.pvc.accessMode ReadWriteMany or storage.s3")
+        return self
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,6 +549,7 @@ class Results(BaseModel):
     """The latest evaluation (of whichever run produced it)."""
 
     runId: str | None = None
+    evaluateId: str | None = None
     macroAcceptLength: float | None = None
     benchmarks: dict[str, BenchmarkResult] = Field(default_factory=dict)
     checkpoint: str | None = None
@@ -443,14 +570,23 @@ class Serving(BaseModel):
 
 
 class RunStatus(BaseModel):
-    """The run in progress (or the last one): id = short hash of the spec."""
+    """The run in progress (or the last one). Each stage has its own id: a hash of its own inputs."""
 
     id: str | None = None
     targetRevision: str | None = None
     storageUri: str | None = None
     startedAt: str | None = None
+    stageIds: dict[str, str] = Field(default_factory=dict, description="stage -> id of its inputs")
     attempts: dict[str, int] = Field(default_factory=dict)
+    retryBudgetFrom: dict[str, int] = Field(
+        default_factory=dict, description="stage -> attempt from which maxRetries counts again (retry)"
+    )
     children: dict[str, str] = Field(default_factory=dict, description="stage -> child object name")
+    completed: dict[str, str] = Field(
+        default_factory=dict, description="stage -> stage id it completed with (survives Job deletion)"
+    )
+    stageStartedAt: dict[str, str] = Field(default_factory=dict, description="stage -> start (deadlines)")
+    retryRequest: str | None = Field(None, description="Last deepspec.io/retry annotation value handled.")
     trainingBackend: str | None = None
 
 

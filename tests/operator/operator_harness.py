@@ -20,6 +20,7 @@ SCHEMAS = REPO / "../shared/k8s-schemas"
 EXAMPLES = sorted((REPO / "manifests/examples").glob("*.yaml"))
 CHART = REPO / "charts/deepspec-operator"
 NS = "ml"
+VERBS = {"get", "list", "watch", "create", "patch", "delete"}
 
 
 def load_example(name: str) -> dict[str, Any]:
@@ -80,16 +81,12 @@ class Cluster:
             ("v1/namespaces", "Namespace"), ("apiextensions.k8s.io/v1/customresourcedefinitions", "CustomResourceDefinition"),
         ]:  # fmt: skip
             cluster_scoped = kind in ("Namespace", "CustomResourceDefinition")
-            res[path] = info(
-                kind=kind, namespaced=not cluster_scoped, verbs={"get", "list", "watch", "create", "patch"}
-            )
+            res[path] = info(kind=kind, namespaced=not cluster_scoped, verbs=VERBS)
         if pytorchjob:
-            res["kubeflow.org/v1/pytorchjobs"] = info(
-                kind="PyTorchJob", namespaced=True, verbs={"get", "create"}
-            )
+            res["kubeflow.org/v1/pytorchjobs"] = info(kind="PyTorchJob", namespaced=True, verbs=VERBS)
         if podmonitor:
             res["monitoring.coreos.com/v1/podmonitors"] = info(
-                kind="PodMonitor", namespaced=True, verbs={"get", "create"}
+                kind="PodMonitor", namespaced=True, verbs=VERBS
             )
 
     async def start(self) -> None:
@@ -198,13 +195,19 @@ def operator_permissions(kmock: Any) -> set[tuple[str, str, str]]:
     return used
 
 
-def clusterrole_rules(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """The rules of the chart's rendered ClusterRole."""
+def rbac_rules(values: dict[str, Any] | None = None, kind: str = "ClusterRole") -> list[dict[str, Any]]:
+    """The operator's rules in the chart: the ClusterRole (cluster-wide install) or the Role of the
+    first watched namespace (namespaced install, ``watchNamespaces`` set)."""
     from helm_python.chart import Chart
 
     out = Chart.load(str(CHART)).render(values or {}, name="ds", namespace="ops")
-    role = yaml.safe_load(out["deepspec-operator/templates/clusterrole.yaml"])
+    docs = [d for d in yaml.safe_load_all(out["deepspec-operator/templates/rbac.yaml"]) if d]
+    role = next(d for d in docs if d["kind"] == kind)
     return role["rules"]
+
+
+def clusterrole_rules(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    return rbac_rules(values, "ClusterRole")
 
 
 def allowed(rules: list[dict[str, Any]], verb: str, group: str, resource: str) -> bool:
@@ -237,6 +240,11 @@ async def drive_to_success(
 
     ``before_stage(stage)`` runs once the stage's child exists, before it is marked finished.
     """
+    from deepspec.operator.builders import needs_seed
+
+    if needs_seed(run):
+        await cluster.wait_child("batch/v1", "Job", run.child_name("seed"))
+        await cluster.finish_job(run.child_name("seed"))
     server = run.child_name("server")
     await cluster.wait_child("apps/v1", "Deployment", server)
     await cluster.wait_child("v1", "Service", server)

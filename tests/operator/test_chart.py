@@ -8,7 +8,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from helm_python.chart import Chart, lint
-from operator_harness import CHART, allowed, clusterrole_rules
+from operator_harness import CHART, allowed, rbac_rules
 from test_children import external_validator
 
 from deepspec.operator.crd import crd_yaml
@@ -43,7 +43,8 @@ def render(values: dict[str, Any]) -> list[dict[str, Any]]:
 def test_chart_renders_valid_objects_and_lints(values: dict[str, Any]) -> None:
     docs = render(values)
     kinds = {d["kind"] for d in docs}
-    assert {"ClusterRole", "ClusterRoleBinding", "Deployment"} <= kinds
+    assert {"ClusterRole", "Deployment"} <= kinds
+    assert ("ClusterRoleBinding" in kinds) == (not values.get("watchNamespaces"))
     for d in docs:
         if d["apiVersion"].startswith("monitoring.coreos.com"):
             errors = list(external_validator(d["apiVersion"], d["kind"]).iter_errors(d))
@@ -78,25 +79,56 @@ def test_chart_crd_is_the_generated_one() -> None:
     assert (CHART / "crds/drafttrainings.deepspec.io.yaml").read_text() == crd_yaml()
 
 
-def test_clusterrole_is_least_privilege() -> None:
-    rules = clusterrole_rules()
+@pytest.mark.parametrize("kind", ["ClusterRole", "Role"])
+def test_operator_role_is_least_privilege(kind: str) -> None:
+    rules = rbac_rules({"watchNamespaces": ["llm"]} if kind == "Role" else {}, kind)
     for r in rules:
         for field in ("apiGroups", "resources", "verbs"):
             assert "*" not in r[field], r
-        assert not {"delete", "deletecollection", "update", "escalate", "bind", "impersonate"} & set(
-            r["verbs"]
-        ), r
+        assert not {"deletecollection", "escalate", "bind", "impersonate"} & set(r["verbs"]), r
     assert not allowed(rules, "get", "", "secrets")
     assert not allowed(rules, "create", "", "pods")
+    assert not allowed(rules, "delete", "deepspec.io", "drafttrainings")  # users own their resources
+    assert not allowed(rules, "delete", "", "persistentvolumeclaims")  # drafts outlive runs
     assert allowed(rules, "patch", "deepspec.io", "drafttrainings/status")
+    assert allowed(rules, "update", "deepspec.io", "drafttrainings/finalizers")  # blockOwnerDeletion
+
+
+def test_namespaced_install_has_no_cluster_binding() -> None:
+    docs = render({"watchNamespaces": ["llm", "research"]})
+    roles = [d for d in docs if d["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["llm", "research"]
+    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
+    assert all(b["subjects"][0]["namespace"] == "ops" for b in bindings) and len(bindings) == 2
+    assert not [d for d in docs if d["kind"] == "ClusterRoleBinding"]
+    # the only ClusterRoles left are the aggregated user roles, bound to nobody by this chart
+    assert {d["metadata"]["name"] for d in docs if d["kind"] == "ClusterRole"} == {
+        "ds-deepspec-operator-edit",
+        "ds-deepspec-operator-view",
+    }
+
+
+def test_aggregated_user_roles() -> None:
+    """Creating a DraftTraining runs any image under any service account of the namespace: `edit`
+    (and `admin`) may, `view` may only read."""
+    docs = {d["metadata"]["name"]: d for d in render({}) if d["kind"] == "ClusterRole"}
+    edit, view = docs["ds-deepspec-operator-edit"], docs["ds-deepspec-operator-view"]
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert "rbac.authorization.k8s.io/aggregate-to-view" not in edit["metadata"]["labels"]
+    assert allowed(edit["rules"], "create", "deepspec.io", "drafttrainings")
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert allowed(view["rules"], "list", "deepspec.io", "drafttrainings")
+    for verb in ("create", "update", "patch", "delete"):
+        assert not allowed(view["rules"], verb, "deepspec.io", "drafttrainings"), verb
 
 
 def rbac_manifest() -> str:
-    """manifests/rbac.yaml = the chart's ServiceAccount + ClusterRole + binding (release deepspec-operator)."""
+    """manifests/rbac.yaml = the chart's ServiceAccount + RBAC (release deepspec-operator)."""
     out = Chart.load(str(CHART)).render({}, name="deepspec-operator", namespace="deepspec-system")
     parts = [
         out[f"deepspec-operator/templates/{n}.yaml"].strip()
-        for n in ("serviceaccount", "clusterrole", "clusterrolebinding")
+        for n in ("serviceaccount", "rbac", "aggregated-roles")
     ]
     header = (
         "# Rendered from charts/deepspec-operator (release deepspec-operator, namespace deepspec-system).\n"

@@ -105,8 +105,12 @@ def test_children_details() -> None:
     objs = {(o["kind"], o["metadata"]["name"]): o for o in build_all(run)}
     for obj in objs.values():
         assert "team" not in obj["metadata"]["labels"]  # resource labels are not copied
-        assert obj["metadata"]["ownerReferences"][0]["controller"] is True
         assert obj["metadata"]["name"].startswith("qwen3-8b-eagle3-")
+        if obj["kind"] == "PersistentVolumeClaim":  # retentionPolicy Retain: survives the resource
+            assert "ownerReferences" not in obj["metadata"]
+            assert obj["spec"]["accessModes"] == ["ReadWriteMany"]
+        else:
+            assert obj["metadata"]["ownerReferences"][0]["controller"] is True
     dep = objs[("Deployment", run.child_name("server"))]
     c = dep["spec"]["template"]["spec"]["containers"][0]
     assert c["startupProbe"]["httpGet"]["path"] == "/health_generate"
@@ -129,6 +133,32 @@ def test_children_details() -> None:
     assert tr[-5:] == ["-m", "deepspec.cli", "train", "-c", "/etc/deepspec/recipe.yaml"]
     ev = objs[("Job", run.child_name("evaluate"))]["spec"]["template"]["spec"]["containers"][0]["command"]
     assert "--termination-log" in ev
+    # spec.podTemplate reaches every pod: pull secret, envFrom (HF_TOKEN), queue label, mesh opt-out
+    for obj in objs.values():
+        tmpl = _pod_templates(obj)
+        for t in tmpl:
+            assert t["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+            assert t["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+            assert t["spec"]["imagePullSecrets"] == [{"name": "registry-credentials"}]
+            assert t["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            for c in t["spec"]["containers"]:
+                assert {"secretRef": {"name": "hf-token"}} in c["envFrom"]
+                assert c["resources"]["requests"], c["name"]  # default requests when none are given
+    assert len([o for o in objs.values() if _pod_templates(o)]) >= 6
+    ptj_pod = objs[("PyTorchJob", run.child_name("train"))]["spec"]["pytorchReplicaSpecs"]["Master"][
+        "template"
+    ]
+    assert ptj_pod["spec"]["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert objs[("PyTorchJob", run.child_name("train"))]["spec"]["runPolicy"]["cleanPodPolicy"] == "Running"
+
+
+def _pod_templates(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = obj.get("spec") or {}
+    if obj["kind"] in ("Job", "Deployment"):
+        return [spec["template"]]
+    if obj["kind"] == "PyTorchJob":
+        return [r["template"] for r in spec["pytorchReplicaSpecs"].values()]
+    return []
 
 
 def test_multi_node_pytorchjob_has_workers_and_rendezvous() -> None:
@@ -147,10 +177,11 @@ def test_recipe_is_a_valid_recipe_with_run_paths() -> None:
     run = Run.from_body(body)
     recipe = build_recipe(run)
     assert isinstance(recipe, Recipe)
-    root = f"s3://drafts/deepspec/llm/llama31-8b-dflash/{run.run_id}"
-    assert recipe.training.output_dir == f"{root}/draft"
-    assert recipe.regeneration.output == f"{root}/regenerated.jsonl"
-    assert recipe.features.cache_path == f"{root}/features"
+    root = "s3://drafts/deepspec/llm/llama31-8b-dflash"
+    assert recipe.training.output_dir == f"{root}/train-{run.ids['train']}/draft"
+    assert recipe.regeneration.output == f"{root}/regenerate-{run.ids['regenerate']}/regenerated.jsonl"
+    assert recipe.features.cache_path == f"{root}/features-{run.ids['features']}/features"
+    assert recipe.evaluation.gate.min_accept_length is None  # the operator gates, not the Job
     assert recipe.draft.block_size == 8  # from the inline recipe fragment
     assert recipe.storage.s3_endpoint_url == "http://minio.storage.svc:9000"
 
@@ -161,8 +192,10 @@ def test_revision_changes_run_id_and_names() -> None:
     body["spec"]["target"]["revision"] = "v2"
     b = Run.from_body(body)
     assert a.run_id != b.run_id and a.child_name("train") != b.child_name("train")
-    body["spec"]["scheduling"] = {"priorityClassName": "high"}
-    assert Run.from_body(body).run_id == b.run_id  # placement is not part of the run
+    body["spec"]["podTemplate"] = {"priorityClassName": "high"}
+    body["spec"]["image"] = "registry.example.com/deepspec:0.2.0"
+    body["spec"]["training"]["gpusPerNode"] = 4
+    assert Run.from_body(body).run_id == b.run_id  # placement, images and sizes are not part of the run
 
 
 @pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
