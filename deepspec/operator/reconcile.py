@@ -354,7 +354,7 @@ class Reconciler:
         if self.status.phase != "Stalled":
             return False
         for stage in set(st.attempts) | set(st.children):
-            if stage in st.completed:
+            if stage in st.completed or stage not in b.STAGES:  # the server keeps its name
                 continue
             st.attempts[stage] = st.attempts.get(stage, 0) + 1  # a fresh child name
             st.retryBudgetFrom[stage] = st.attempts[stage]
