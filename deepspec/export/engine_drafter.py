@@ -75,6 +75,8 @@ class EngineDrafter:
                 f"{engine} would feed the embedding output as a feature (ids {self.capture_layer_ids})"
             )
         raw = load_file(str(Path(export_dir) / "model.safetensors"))
+        if engine == "sglang" and algorithm == "eagle3" and len(self.capture_layer_ids) != 3:
+            raise EngineLoadError("SGLang's Eagle3 fc reads exactly 3 captured layers (hidden_size_in * 3)")
         fc_in, width = raw["fc.weight"].shape[1] if "fc.weight" in raw else 0, int(view.cfg["hidden_size"])
         if fc_in != len(self.capture_layer_ids) * width:
             raise EngineLoadError(

@@ -50,7 +50,8 @@ def _vllm(path: str, commit: str) -> Source:
     return Source("vllm-project/vllm", f"vllm/{path}", commit)
 
 
-SGLANG_EAGLE3 = _sglang("models/llama_eagle3.py", "d737979cbd17c6162f39c1953cfa72d3d23cc0d0")
+SGLANG_EAGLE3 = _sglang("models/llama_eagle3.py", "03d5a7771f6082e7737a5f19cae7d1e863087013")
+SGLANG_LLAMA = _sglang("models/llama.py", "bf7a0e237e8d5b2ce5402f5d2fafce31e012dbdf")  # layers_to_capture = id+1
 SGLANG_DFLASH_WORKER = _sglang("speculative/dflash_worker.py", "0468412fb7dc9909923ee6b6c95cfcfca24cfe34")
 SGLANG_DFLASH_UTILS = _sglang("speculative/dflash_utils.py", "00731f0bc9fa81c39802754fb4b62e9cce967582")
 SGLANG_DFLASH_MODEL = _sglang("models/dflash.py", "7f151c5ebdb3af4467c2a5d3ccc5f54e71d2ba35")
@@ -156,7 +157,7 @@ def engine_capture_ids(cfg: dict[str, Any], engine: str) -> list[int]:
     """The target layers whose outputs the engine feeds the draft, in the order it concatenates them.
 
     Both engines capture each layer once, in ascending order. SGLang reads the nested Eagle3 ids as
-    "output of layer i" and adds +1 itself (:data:`SGLANG_EAGLE3`); vLLM's V1 runner reads a top-level
+    "output of layer i" and adds +1 itself (``layers_to_capture = [val + 1 ...]``, :data:`SGLANG_LLAMA`); vLLM's V1 runner reads a top-level
     ``eagle_aux_hidden_state_layer_ids`` as "input of layer i" (= output of layer i-1) and falls back to the
     nested ids *in that same convention* (:data:`VLLM_EAGLE3`). DFlash/DSpark ``target_layer_ids`` are
     "output of layer i" on both (vLLM adds +1 itself: :data:`VLLM_DFLASH_MODEL`).
@@ -371,6 +372,15 @@ def _eagle3_nested_ids(view: ExportView, _algorithm: str) -> list[str]:
     return []
 
 
+def _eagle3_three_layers(view: ExportView, _algorithm: str) -> list[str]:
+    ids = feature_layer_ids(view.cfg)
+    if len(ids) != 3:
+        return [
+            f"{len(ids)} aux layers {ids}: SGLang builds the Eagle3 fc for exactly 3 (hidden_size_in * 3)"
+        ]
+    return []
+
+
 def _eagle3_vllm_top_level(view: ExportView, _algorithm: str) -> list[str]:
     nested = view.get("eagle_config.eagle_aux_hidden_state_layer_ids") or []
     top = view.cfg.get("eagle_aux_hidden_state_layer_ids")
@@ -396,13 +406,13 @@ def _rules() -> list[Rule]:
             Rule(engine, "architecture", "architectures routes to the engine's model for the algorithm",
                  arch_src, _architecture(engine)),
             Rule(engine, "layer-ids-sorted-unique", "target layers are captured once each, ascending",
-                 eagle_src if engine == "sglang" else VLLM_DFLASH_MODEL, _layer_ids_sorted_unique),
+                 SGLANG_LLAMA if engine == "sglang" else VLLM_DFLASH_MODEL, _layer_ids_sorted_unique),
             Rule(engine, "weight-names", "tensor names are the engine model's parameter names",
                  {"sglang": SGLANG_DFLASH_MODEL, "vllm": VLLM_DFLASH_MODEL}[engine], _tensor_names),
             Rule(engine, "weight-shapes-dtypes", "tensor shapes follow the config; floats, int64 d2t, bool t2d",
                  {"sglang": SGLANG_DFLASH_MODEL, "vllm": VLLM_DFLASH_MODEL}[engine], _tensor_shapes_dtypes),
             Rule(engine, "eagle3-aux-layer-ids", "eagle_config.eagle_aux_hidden_state_layer_ids (output of "
-                 "layer i)", eagle_src, _eagle3_nested_ids, ("eagle3",)),
+                 "layer i)", SGLANG_LLAMA if engine == "sglang" else eagle_src, _eagle3_nested_ids, ("eagle3",)),
             Rule(engine, "dflash-config", "block_size, dflash_config.mask_token_id and target_layer_ids",
                  dflash_src, _dflash_fields, ("dflash", "dspark")),
             Rule(engine, "dflash-slot-convention", "block [anchor, mask...]: slot 0 is not sampled, mask slot "
@@ -416,6 +426,10 @@ def _rules() -> list[Rule]:
             Rule(engine, "dspark-confidence", "enable_confidence_head / confidence_head_with_markov flags",
                  dspark_src, _confidence_fields, ("dspark",)),
         ]  # fmt: skip
+    rules.append(
+        Rule("sglang", "eagle3-three-aux-layers", "the Eagle3 fc reads exactly 3 captured layers",
+             SGLANG_EAGLE3, _eagle3_three_layers, ("eagle3",))
+    )  # fmt: skip
     rules.append(
         Rule("vllm", "eagle3-vllm-layer-shift", "top-level eagle_aux_hidden_state_layer_ids = nested ids + 1",
              VLLM_EAGLE3, _eagle3_vllm_top_level, ("eagle3",))
