@@ -222,12 +222,18 @@ def speed(args: argparse.Namespace) -> dict:
         if args.profile and shape == "smollm2":
             from torch.profiler import ProfilerActivity, profile
 
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                eagle.generate_batch(pool[:1])
-                sync()
-            table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
-            Path(args.profile).write_text(table, encoding="utf-8")
-            print(table[:4000])
+            tables = []
+            for name, run in (
+                ("eagle3 (untrained) speculative, batch 1", eagle.generate_batch),
+                ("plain decode, batch 1", eagle.generate_plain_batch),
+            ):
+                with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    run(pool[:1])
+                    sync()
+                table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
+                tables.append(f"== {name}: {args.new_tokens} new tokens ==\n{table}")
+                print(tables[-1][:3000])
+            Path(args.profile).write_text("\n\n".join(tables), encoding="utf-8")
         del eagle, ngram, draft, target
         torch.cuda.empty_cache()
     return {

@@ -1,8 +1,12 @@
-"""Throughput of the embedded server's engine: padded `generate` batches with per-request sampling.
+"""Throughput of the embedded server's engine (continuous batching on the decode core) vs padded `generate`.
 
-Measures generated tokens/s of :class:`deepspec.serve.engine.GenerationEngine` at several batch
-sizes, greedy and sampled (T=1, top-p 0.95, min-p 0.05, per-request seeds), against plain
-``model.generate`` on the same padded batch (the overhead of per-row sampling / stopping).
+For each concurrency ``b`` (the engine's slots), ``--requests`` prompts of varied length go through
+:class:`deepspec.serve.engine.GenerationEngine` (greedy, and sampled at T=1, top-p 0.95, min-p 0.05
+with per-request seeds), against plain transformers ``model.generate`` on one padded batch of the
+first ``b`` prompts, in the same process on the same device. End-of-sequence is disabled so that
+every request generates exactly ``--new-tokens`` tokens.
+
+Goal row (issue 11): ``--batches 256 --requests 1000 --new-tokens 384`` on one H200.
 
 CPU (tiny, a couple of minutes):  python bench/serve_throughput.py --tiny
 GPU (SmolLM2-135M shape, bf16):   python bench/serve_throughput.py --device cuda --batches 64 256 1024 --new-tokens 256
@@ -81,7 +85,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batches", type=int, nargs="+", help="batch sizes (default: tiny 1 4 16, else 64 256)")
     ap.add_argument("--new-tokens", type=int, help="new tokens per request (default: tiny 32, else 256)")
-    ap.add_argument("--prompt-words", type=int, default=80, help="prompt length in words (~tokens)")
+    ap.add_argument("--prompt-words", type=int, default=80, help="shortest prompt in words (~tokens); +0..59")
+    ap.add_argument("--requests", type=int, help="requests per engine run (default: the batch size)")
     ap.add_argument("--out", default="bench/results/serve_throughput.json")
     args = ap.parse_args()
     import torch
@@ -106,26 +111,29 @@ def main() -> None:
                     [
                         {
                             "role": "user",
-                            "content": " ".join(f"w{(i * 7 + j) % 2000}" for j in range(args.prompt_words)),
+                            "content": " ".join(
+                                f"w{(i * 7 + j) % 2000}" for j in range(args.prompt_words + (i * 37) % 60)
+                            ),
                         }
                     ],
                 )
-                for i in range(b)
+                for i in range(max(b, args.requests or b))
             ]
             if mode == "sampled":
                 params = [
                     SamplingParams(1.0, top_p=0.95, min_p=0.05, seed=i, max_tokens=new_tokens)
-                    for i in range(b)
+                    for i in range(len(prompts))
                 ]
             else:
-                params = [SamplingParams(0.0, max_tokens=new_tokens) for _ in range(b)]
+                params = [SamplingParams(0.0, max_tokens=new_tokens) for _ in prompts]
             # a huge max_tokens with eos disabled makes every row generate exactly new_tokens
             eos, engine.eos_ids = engine.eos_ids, []
-            engine.generate(prompts[:1], params[:1])  # warm-up
+            engine.generate(prompts[:b], params[:b])  # warm-up: cache growth and step graphs of every size
             if engine.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            if mode == "hf-generate":
+            if mode == "hf-generate":  # one padded batch of the first b prompts
+                prompts = prompts[:b]
                 width = max(len(p) for p in prompts)
                 ids = torch.tensor(
                     [[engine.pad_id] * (width - len(p)) + p for p in prompts], device=engine.device
@@ -153,6 +161,7 @@ def main() -> None:
                 {
                     "batch": b,
                     "mode": mode,
+                    "requests": len(prompts),
                     "new_tokens": new_tokens,
                     "generated": generated,
                     "seconds": round(dt, 3),
@@ -165,9 +174,13 @@ def main() -> None:
     print(
         f"\nengine throughput on {device}, dtype {engine.dtype}, prompt ~{args.prompt_words} tokens, {new_tokens} new tokens"
     )
-    print(f"{'batch':>6} {'mode':>12} {'tokens/s':>10} {'seconds':>9}")
+    print(f"{'batch':>6} {'mode':>12} {'requests':>9} {'tokens/s':>10} {'seconds':>9} {'vs generate':>11}")
     for r in rows:
-        print(f"{r['batch']:>6} {r['mode']:>12} {r['tokens_per_s']:>10.1f} {r['seconds']:>9.2f}")
+        base = next(x for x in rows if x["batch"] == r["batch"] and x["mode"] == "hf-generate")
+        ratio = r["tokens_per_s"] / base["tokens_per_s"]
+        print(
+            f"{r['batch']:>6} {r['mode']:>12} {r['requests']:>9} {r['tokens_per_s']:>10.1f} {r['seconds']:>9.2f} {ratio:>10.2f}x"
+        )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
         json.dumps({"device": device, "dtype": str(engine.dtype), "rows": rows}, indent=2)

@@ -91,6 +91,19 @@ class DecodeCore:
     def fits(self, rows: int, max_len: int) -> bool:
         return rows <= self.rows and max_len <= self.max_len
 
+    def resize(self, rows: int, max_len: int) -> None:
+        """Grow the cache to ``rows`` x ``max_len``, keeping what the rows hold (graphs are re-captured)."""
+        rows, max_len = max(rows, self.rows), max(max_len, self.max_len)
+        if (rows, max_len) == (self.rows, self.max_len):
+            return
+        old = self.cache
+        k0 = old.keys[0]
+        self.cache = RowKVCache(len(old.keys), rows, max_len, k0.shape[1], k0.shape[3], k0.dtype, k0.device)
+        for new_buf, old_buf in zip(self.cache.keys + self.cache.values, old.keys + old.values, strict=True):
+            new_buf[: self.rows, :, : self.max_len] = old_buf
+        self.rows, self.max_len = rows, max_len
+        self._graphs.clear()
+
     # ---------------------------------------------------------------------------------------------
 
     def _forward(

@@ -40,6 +40,8 @@ from deepspec.eval.kv_cache import crop_cache
 from deepspec.eval.metrics import AcceptanceStats
 from deepspec.eval.sampling import sample_token, verify
 
+PLAIN_CHUNK = 16  # plain decoding steps queued on the device between two host reads
+
 if TYPE_CHECKING:
     from deepspec.decode.core import DecodeCore
     from deepspec.eval.calibration import Calibration
@@ -135,6 +137,18 @@ class SpeculativeEngine:
         if len(tokens) >= self.config.max_new_tokens:
             return tokens[: self.config.max_new_tokens], "length"
         return tokens, None
+
+    def _append(self, tokens: list[int], new: list[int]) -> str | None:
+        """Append ``new`` up to the first stop token or ``max_new_tokens`` (as :meth:`_finish`, without
+        rescanning what is already there); return the reason when generation ends."""
+        stops = self.config.stop_token_ids
+        for t in new:
+            tokens.append(t)
+            if t in stops:
+                return "stop"
+            if len(tokens) >= self.config.max_new_tokens:
+                return "length"
+        return None
 
     def _truncate(self, num: int, confidence: torch.Tensor | None) -> int:
         """How many proposed slots to verify: confidence threshold, then the prefix scheduler."""
@@ -266,12 +280,10 @@ class SpeculativeEngine:
         self._sync()
         t1 = time.perf_counter()
 
-        outs: list[list[int]] = []
-        reasons: list[str | None] = []
-        for a in anchors:
-            tokens, reason = self._finish([a])
-            outs.append(tokens)
-            reasons.append(reason)
+        outs: list[list[int]] = [[] for _ in range(n)]
+        reasons = [self._append(outs[b], [anchors[b]]) for b in range(n)]
+        if drafters is None:
+            self._plain_steps(core, outs, reasons, lengths, stats, generators)
         offsets = torch.arange(slots + 1, device=self.device)
         vocab = self.target.vocab_size
         while any(r is None for r in reasons):
@@ -314,7 +326,7 @@ class SpeculativeEngine:
                 if cfg.record_rounds and drafters is not None:
                     records[b][-1].accepted = a
                 lengths[b] += 1 + a
-                outs[b], reasons[b] = self._finish(outs[b] + [*drafts[b][:a], next_host[b]])
+                reasons[b] = self._append(outs[b], [*drafts[b][:a], next_host[b]])
                 anchors[b] = next_host[b]
                 if reasons[b] is None and drafters is not None:
                     # copies: a replayed graph overwrites its output buffers at the next step
@@ -331,6 +343,44 @@ class SpeculativeEngine:
             st.decode_seconds = wall * (st.new_tokens / total_new if total_new else 1.0 / n)
             results.append(GenerationResult(outs[b], reasons[b] or "length", st, t1 - t0, records[b]))
         return results
+
+    def _plain_steps(
+        self,
+        core: DecodeCore,
+        outs: list[list[int]],
+        reasons: list[str | None],
+        lengths: list[int],
+        stats: list[AcceptanceStats],
+        generators: list[torch.Generator | None],
+    ) -> None:
+        """Plain decoding without a host round trip per token.
+
+        Each step's input is the previous step's sampled token, still on the device, so steps are
+        queued back to back and the host reads the tokens once per ``PLAIN_CHUNK`` steps to apply
+        stop tokens and ``max_new_tokens``. Tokens a row produced after its end are discarded (its
+        random stream is its own, so the extra draws change nothing before the end).
+        """
+        cfg = self.config
+        n = len(outs)
+        token = torch.tensor([o[-1] for o in outs], device=self.device)
+        position = torch.tensor(lengths, device=self.device)
+        longest = max(lengths)
+        while any(r is None for r in reasons):
+            left = max(cfg.max_new_tokens - len(outs[b]) for b in range(n) if reasons[b] is None)
+            produced = []
+            for _ in range(min(PLAIN_CHUNK, left)):
+                longest += 1
+                out = core.step(token[:, None], position[:, None], longest)
+                u = row_uniforms(generators, 1, self.device)[:, 0] if cfg.temperature > 0 else None
+                token = sample_rows(out.logits[:, 0], cfg.temperature, u)
+                position = position + 1
+                produced.append(token)
+            for b, row in enumerate(torch.stack(produced, dim=1).tolist()):
+                for t in row:
+                    if reasons[b] is not None:
+                        break
+                    stats[b].add_round(0, 0)
+                    reasons[b] = self._append(outs[b], [t])
 
     # ------------------------------------------------------------------ dynamic (eager reference) path
     @torch.no_grad()

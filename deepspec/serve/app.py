@@ -1,4 +1,4 @@
-"""The FastAPI application: ``/health``, ``/v1/models`` and ``/v1/chat/completions``.
+"""The FastAPI application: ``/health``, ``/metrics``, ``/v1/models`` and ``/v1/chat/completions``.
 
 A thin HTTP layer over :class:`deepspec.serve.engine.GenerationEngine`. ``transformers serve`` was
 evaluated first (transformers 5.23): it rejects the ``top_k`` / ``min_p`` extensions with 422, its
@@ -7,6 +7,10 @@ evaluated first (transformers 5.23): it rejects the ``top_k`` / ``min_p`` extens
 Provenance: ``/v1/models`` lists the served name with ``owned_by`` ``"deepspec"``, the model path as
 ``root`` and the target ``revision``; every completion carries the revision as
 ``system_fingerprint`` (a standard field the ``openai`` client exposes).
+
+``stream=true`` sends the answer's text as the engine produces it (one chunk per new piece of
+text). ``/metrics`` serves Prometheus counters and gauges (requests, tokens, running and queued
+requests, decode steps).
 
 With ``request_log`` set, one JSON line per request is appended: time, the ``X-Deepspec-Record``
 header, HTTP status, prompt and completion tokens, finish reason and latency.
@@ -23,7 +27,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from deepspec.data.template import TemplateError, render_prompt
 from deepspec.serve.engine import Completion, GenerationEngine
@@ -61,6 +67,39 @@ def _error(status: int, message: str, param: str | None = None, code: str | None
     )
 
 
+class EngineCollector:
+    """Prometheus view of the engine's counters (read at scrape time, no bookkeeping of its own)."""
+
+    def __init__(self, engine: GenerationEngine, served_model_name: str) -> None:
+        self.engine = engine
+        self.labels = {"model": served_model_name}
+
+    def collect(self) -> Any:
+        stats = self.engine.stats
+        counters = {
+            "deepspec_requests": ("requests admitted", stats["requests"]),
+            "deepspec_generation_tokens": ("completion tokens produced", stats["generated_tokens"]),
+            "deepspec_decode_steps": ("decode steps run", stats["steps"]),
+            "deepspec_decode_step_seconds": ("time spent in decode steps", stats["step_seconds"]),
+        }
+        for name, (doc, value) in counters.items():
+            family = CounterMetricFamily(name, doc, labels=list(self.labels))
+            family.add_metric(list(self.labels.values()), value)
+            yield family
+        gauges = {
+            "deepspec_running_requests": ("requests decoding now", self.engine.active_rows),
+            "deepspec_queued_requests": ("requests waiting for a slot", self.engine.queued),
+            "deepspec_max_batch_size": (
+                "cache slots (most requests decoding together)",
+                self.engine.max_batch_size,
+            ),
+        }
+        for name, (doc, value) in gauges.items():
+            family = GaugeMetricFamily(name, doc, labels=list(self.labels))
+            family.add_metric(list(self.labels.values()), value)
+            yield family
+
+
 def create_app(
     engine: GenerationEngine,
     *,
@@ -72,6 +111,8 @@ def create_app(
     created = int(time.time())
     names = (served_model_name, engine.model_path)
     reqlog = RequestLog(request_log)
+    registry = CollectorRegistry()
+    registry.register(EngineCollector(engine, served_model_name))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -87,6 +128,10 @@ def create_app(
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": served_model_name, "revision": revision, **engine.stats}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -133,27 +178,23 @@ def create_app(
         except BadRequest as e:
             reqlog.write(record=record, status=400, error=e.message)
             return _error(400, e.message, e.param, e.code)
+        if req.stream:
+            pieces: asyncio.Queue[str] = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            future = engine.submit(
+                prompt, req.params, lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
+            )
+            return StreamingResponse(
+                _sse(f"chatcmpl-{uuid.uuid4().hex}", req, asyncio.wrap_future(future), pieces, record, t0),
+                media_type="text/event-stream",
+            )
         try:
             result: Completion = await asyncio.wrap_future(engine.submit(prompt, req.params))
         except Exception as e:
             reqlog.write(record=record, status=500, error=f"{type(e).__name__}: {e}")
             return _error(500, f"generation failed: {type(e).__name__}: {e}")
-        reqlog.write(
-            record=record,
-            status=200,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            finish_reason=result.finish_reason,
-            latency_s=round(time.perf_counter() - t0, 4),
-        )
+        _log_result(record, result, t0)
         cid = f"chatcmpl-{uuid.uuid4().hex}"
-        usage = {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens,
-        }
-        if req.stream:
-            return StreamingResponse(_sse(cid, req, result, usage), media_type="text/event-stream")
         return {
             "id": cid,
             "object": "chat.completion",
@@ -168,11 +209,39 @@ def create_app(
                     "logprobs": None,
                 }
             ],
-            "usage": usage,
+            "usage": _usage(result),
         }
 
-    def _sse(cid: str, req: ChatRequest, result: Completion, usage: dict[str, int]) -> AsyncIterator[str]:
-        """Server-sent events for ``stream=true`` (the whole answer arrives in one content chunk)."""
+    def _usage(result: Completion) -> dict[str, int]:
+        return {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+        }
+
+    def _log_result(record: str | None, result: Completion, t0: float) -> None:
+        reqlog.write(
+            record=record,
+            status=200,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            finish_reason=result.finish_reason,
+            latency_s=round(time.perf_counter() - t0, 4),
+        )
+
+    def _sse(
+        cid: str,
+        req: ChatRequest,
+        done: asyncio.Future,
+        pieces: asyncio.Queue[str],
+        record: str | None,
+        t0: float,
+    ) -> AsyncIterator[str]:
+        """Server-sent events for ``stream=true``: each piece of text as the engine produces it.
+
+        The engine's pieces are a prefix of the final text; whatever it held back (text that might
+        have started a stop string) is sent once the request is finished.
+        """
 
         def chunk(delta: dict[str, Any], finish: str | None, with_usage: bool = False) -> str:
             body: dict[str, Any] = {
@@ -184,13 +253,40 @@ def create_app(
                 "choices": [] if with_usage else [{"index": 0, "delta": delta, "finish_reason": finish}],
             }
             if with_usage:
-                body["usage"] = usage
+                body["usage"] = _usage(done.result())
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         async def gen() -> AsyncIterator[str]:
             yield chunk({"role": "assistant", "content": ""}, None)
-            if result.text:
-                yield chunk({"content": result.text}, None)
+            sent = ""
+            while not done.done():
+                get = asyncio.ensure_future(pieces.get())
+                await asyncio.wait({get, done}, return_when=asyncio.FIRST_COMPLETED)
+                if get.done():
+                    sent += get.result()
+                    yield chunk({"content": get.result()}, None)
+                else:
+                    get.cancel()
+            while not pieces.empty():  # pieces queued before the answer was finished
+                piece = pieces.get_nowait()
+                sent += piece
+                yield chunk({"content": piece}, None)
+            try:
+                result: Completion = done.result()
+            except Exception as e:
+                reqlog.write(record=record, status=500, error=f"{type(e).__name__}: {e}")
+                error = {
+                    "error": {
+                        "message": f"generation failed: {type(e).__name__}: {e}",
+                        "type": "server_error",
+                    }
+                }
+                yield f"data: {json.dumps(error)}\n\n"
+                return
+            _log_result(record, result, t0)
+            rest = result.text[len(sent) :] if result.text.startswith(sent) else ""
+            if rest:
+                yield chunk({"content": rest}, None)
             yield chunk({}, result.finish_reason)
             if req.include_usage:
                 yield chunk({}, None, with_usage=True)

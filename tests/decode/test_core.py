@@ -27,7 +27,10 @@ def test_rows_advance_independently_and_match_full_forward():
     core.prefill([1], [torch.tensor(seqs[1])])
     # one step of 3 tokens per row at each row's own position, with rejected junk left behind
     gen = torch.Generator().manual_seed(0)
-    for step in range(3):
+    for step in range(4):
+        if step == 2:  # growing the cache keeps what the rows hold
+            core.resize(4, 128)
+            assert (core.rows, core.max_len, core.cache.keys[0].shape[2]) == (4, 128, 128)
         new = torch.randint(0, target.vocab_size, (3, 3), generator=gen)
         pos = torch.tensor([len(s) for s in seqs])[:, None] + torch.arange(3)
         out = core.step(new, pos, needed=max(len(s) for s in seqs) + 3)
