@@ -63,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="macro accepted length of the serving draft: enables evaluation.gate.max_drop",
     )
+    parser.add_argument(
+        "--batch-size",
+        help="comma-separated batch sizes (e.g. 1,8,32): decode that many prompts in lockstep and "
+        "report accepted length and speedup per size (one process)",
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -85,7 +90,19 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         termination_log=args.termination_log,
         progress=not args.no_progress,
         baseline_accept_length=args.baseline_accept_length,
+        batch_sizes=parse_batch_sizes(args.batch_size) if args.batch_size else None,
     )
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """``"1,8,32"`` -> ``[1, 8, 32]``; each a positive integer."""
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or any(b < 1 for b in sizes):
+        raise SystemExit(f"error: --batch-size {text!r}: give positive integers separated by commas, e.g. 1,8,32")
+    return sizes
 
 
 def run(args: argparse.Namespace) -> int:

@@ -95,6 +95,15 @@ def prompt_generator(
     return gen
 
 
+def _private_generator(parent: torch.Generator | None, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded by one draw from ``parent`` (the global RNG when None)."""
+    where = parent.device if parent is not None else torch.device("cpu")
+    seed = int(torch.randint(0, 2**62, (1,), generator=parent, device=where))
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
 class SpeculativeEngine:
     """Drives a frozen target and a :class:`SpeculativeDrafter` (Eagle3, DFlash, DSpark, n-gram...)."""
 
@@ -357,11 +366,15 @@ class SpeculativeEngine:
 
         Each step's input is the previous step's sampled token, still on the device, so steps are
         queued back to back and the host reads the tokens once per ``PLAIN_CHUNK`` steps to apply
-        stop tokens and ``max_new_tokens``. Tokens a row produced after its end are discarded (its
-        random stream is its own, so the extra draws change nothing before the end).
+        stop tokens and ``max_new_tokens``. Tokens a row produced after its end are discarded. Its
+        draws come from a private generator seeded by one draw from the row's generator, so the
+        caller's generator advances by the same amount whatever the chunking and the batch (a later
+        turn of the same prompt then starts from the same state).
         """
         cfg = self.config
         n = len(outs)
+        if cfg.temperature > 0:
+            generators = [_private_generator(g, self.device) for g in generators]
         token = torch.tensor([o[-1] for o in outs], device=self.device)
         position = torch.tensor(lengths, device=self.device)
         longest = max(lengths)

@@ -72,6 +72,7 @@ class EvalOptions:
     termination_log: str | None = None
     progress: bool = True
     baseline_accept_length: float | None = None  # the gate's max_drop reference
+    batch_sizes: list[int] | None = None  # lockstep batched decoding, one evaluation per size (sweep)
 
 
 @dataclass
@@ -135,6 +136,8 @@ class Evaluator:
         self.layout = RunLayout.from_recipe(recipe)
         self.report_dir = self.layout.resolve(options.output) if options.output else self.layout.eval_dir
         self.dist, self.device = init_distributed(options.device)
+        if options.batch_sizes and self.dist.enabled:
+            raise EvalSetupError("--batch-size runs in one process: start it without torchrun")
         self.target, self.drafter, self.algorithm, self.checkpoint = self._load_models()
         from deepspec.eval import checkpoints
 
@@ -193,8 +196,15 @@ class Evaluator:
             confidence_threshold=self.options.confidence_threshold,
             record_rounds=self.options.calibrate,
         )
+        from deepspec.eval.batched import drafter_factory
+
         return SpeculativeEngine(
-            self.target, self.drafter, cfg, scheduler=self.scheduler, calibration=self.calibration
+            self.target,
+            self.drafter,
+            cfg,
+            scheduler=self.scheduler,
+            calibration=self.calibration,
+            drafter_factory=drafter_factory(self.drafter),
         )
 
     def _load_benchmarks(self) -> dict[str, list[BenchmarkPrompt]]:
@@ -207,6 +217,11 @@ class Evaluator:
 
     def evaluate(self, engine: SpeculativeEngine | None = None) -> tuple[Results, Records]:
         """This rank's share of every benchmark, decoded by ``engine`` (default: :attr:`engine`)."""
+        if self.options.batch_sizes:  # the main report is the first batch size's
+            from deepspec.eval.batched import evaluate_batched
+
+            engine, sizes = engine or self.engine, self.options.batch_sizes
+            return evaluate_batched(engine, self.tokenizer, self.benchmarks, self.settings, sizes[0])
         return evaluate_benchmarks(
             engine or self.engine,
             self.tokenizer,
@@ -237,6 +252,10 @@ class Evaluator:
 
             paths = write_report(report, out, self.options.termination_log)
             markdown = paths["markdown"].read_text(encoding="utf-8")
+            if self.options.batch_sizes:
+                from deepspec.eval.batched import batch_sweep
+
+                markdown += batch_sweep(self, results, out)
         summary = EvalSummary.from_report(report)
         gate = gate_decision(summary, self.recipe.evaluation.gate, self.options.baseline_accept_length)
         return EvalOutcome(report, summary, gate, self.report_dir, markdown)
