@@ -205,6 +205,8 @@ class Reconciler:
             self.condition("Stalled", True, reason, message)
             if self.old_conditions.get("Stalled") != ("True", message):
                 self.out.events.append(("Warning", reason, message))
+        elif s.phase == "GateFailed":  # kstatus (Flux) reads Stalled=True as Failed, not as healthy
+            self.condition("Stalled", True, "GateFailed", s.message or "")
         elif s.phase != "Stalled":
             self.condition("Stalled", False, "Progressing" if not idle else s.phase or "Pending")
         self.condition(

@@ -69,6 +69,13 @@ def test_non_default_values_take_effect() -> None:
     assert pod["serviceAccountName"] == "ops-sa" and "ServiceAccount" not in {d["kind"] for d in docs}
     kinds = {d["kind"] for d in docs}
     assert {"ServiceMonitor", "PrometheusRule", "ConfigMap"} <= kinds
+    monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+    assert monitor["spec"]["endpoints"][0]["honorLabels"] is True  # keep each resource's namespace label
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["DEEPSPEC_JOB_IMAGE"] == "registry.example.com/deepspec:0.1.0-rc1"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and any(
+        a.startswith("--liveness=") for a in c["args"]
+    )
     dash = next(d for d in docs if d["kind"] == "ConfigMap")
     assert '"uid": "deepspec-drafts"' in dash["data"]["deepspec-drafts.json"]
     assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"

@@ -115,8 +115,10 @@ def test_promtool_check_rules(tmp_path: Path) -> None:
     assert "6 rules found" in res.stdout + res.stderr
 
 
-def _unit_test(rules: Path, tests: list[dict[str, Any]], tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    spec = {"rule_files": [rules.name], "evaluation_interval": "1m", "tests": tests}
+def _unit_test(
+    rules: Path, tests: list[dict[str, Any]], tmp_path: Path, evaluation_interval: str = "1m"
+) -> subprocess.CompletedProcess[str]:
+    spec = {"rule_files": [rules.name], "evaluation_interval": evaluation_interval, "tests": tests}
     path = tmp_path / "tests.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return subprocess.run(
@@ -188,3 +190,151 @@ def test_promtool_drift_alerts(tmp_path: Path) -> None:
     # and the test would fail if the alert did not fire
     tests[0]["input_series"][0]["values"] = "3.1x25"
     assert _unit_test(rules, tests, tmp_path).returncode != 0
+
+
+def series_of(body: dict[str, Any]) -> dict[str, float]:
+    """``name{labels}`` -> value of the drafttraining_* gauges the operator exports for ``body``."""
+    m = OperatorMetrics()
+    m.store.put(body)
+    out = {}
+    for (name, labels), value in scrape(m).items():
+        if name.startswith("drafttraining_") and not name.endswith(("_total", "_created")):
+            text = ", ".join(f'{k}="{v}"' for k, v in labels)
+            out[f"{name}{{{text}}}"] = value
+    return out
+
+
+def as_input(series: dict[str, float], samples: int, phases: bool = True) -> list[dict[str, str]]:
+    """promtool input series (``phases=False`` leaves out the per-phase gauges: faster long tests)."""
+    return [
+        {"series": k, "values": f"{v:g}x{samples}"}
+        for k, v in series.items()
+        if phases or not k.startswith(("drafttraining_phase", "drafttraining_info"))
+    ]
+
+
+FIRST_RUN = {  # a first run, 8 days in: nothing serves yet
+    "metadata": {"name": "qwen3", "namespace": "llm"},
+    "spec": {"target": {"model": "Qwen/Qwen3-8B", "revision": "v1"}, "training": {"algorithm": "eagle3"}},
+    "status": {"phase": "Training", "run": {"id": "aaaa1111", "startedAt": "1970-01-01T00:00:00Z"}},
+}
+HEALTHY = {  # evaluated and serving on the requested revision, nothing changed since
+    "metadata": {"name": "qwen3", "namespace": "llm"},
+    "spec": {"target": {"model": "Qwen/Qwen3-8B", "revision": "v1"}, "training": {"algorithm": "eagle3"}},
+    "status": {
+        "phase": "Succeeded",
+        "run": {"id": "aaaa1111", "startedAt": "1970-01-01T00:00:00Z"},
+        "results": {"runId": "aaaa1111", "macroAcceptLength": 3.2, "evaluatedAt": "1970-01-01T12:00:00Z"},
+        "serving": {"runId": "aaaa1111", "targetRevision": "v1", "macroAcceptLength": 3.2},
+    },
+}
+
+
+def _status(body: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    out = yaml.safe_load(yaml.safe_dump(body))
+    for dotted, value in changes.items():
+        node = out
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+SUMMARIES = {
+    "DraftTargetRevisionNotEvaluated": "llm/qwen3: target revision changed, no draft evaluated on it yet",
+    "DraftEvalStale": "llm/qwen3: the current run has not been evaluated for a long time",
+    "DraftTrainingStalled": "llm/qwen3 is Stalled (kubectl describe dt qwen3)",
+    "DraftLiveAcceptRateDrop": "Live speculative acceptance rate of qwen3-8b dropped",
+}
+
+
+def _alert(name: str, at: str, fires: list[dict[str, str]] | None) -> dict[str, Any]:
+    expected = [{"exp_labels": lbl, "exp_annotations": {"summary": SUMMARIES[name]}} for lbl in (fires or [])]
+    return {"eval_time": at, "alertname": name, "exp_alerts": expected}
+
+
+KEY = {"namespace": "llm", "name": "qwen3"}
+
+
+def alert_cases() -> list[dict[str, Any]]:
+    """One promtool test group per alert behaviour; series from the operator's own /metrics."""
+    stalled = _status(HEALTHY, status__phase="Stalled")
+    bumped = _status(HEALTHY, spec__target__revision="v2", status__run__id="bbbb2222")
+    stale = _status(FIRST_RUN)  # 8 days into a run that never got evaluated
+    live = 'sglang:spec_accept_length{namespace="llm", model_name="qwen3-8b", pod="%s"}'
+    rate = 'sglang:spec_accept_rate{namespace="llm", model_name="qwen3-8b", pod="%s"}'
+    live_labels = {"severity": "warning", "namespace": "llm", "model_name": "qwen3-8b"}
+    return [
+        # DraftTargetRevisionNotEvaluated: fires after a revision bump; not during a first run (8 days)
+        {"interval": "5m", "input_series": as_input(series_of(bumped), 100),
+         "alert_rule_test": [_alert("DraftTargetRevisionNotEvaluated", "7h", [{"severity": "warning", **KEY}])]},
+        {"interval": "15m", "input_series": as_input(series_of(FIRST_RUN), 800, phases=False),
+         "alert_rule_test": [_alert("DraftTargetRevisionNotEvaluated", "8d", None)]},
+        # DraftEvalStale: not on a healthy resource after 8 days; fires when the run is unevaluated for 8 days
+        {"interval": "15m", "input_series": as_input(series_of(HEALTHY), 800, phases=False),
+         "alert_rule_test": [_alert("DraftEvalStale", "8d", None)]},
+        {"interval": "15m", "input_series": as_input(series_of(stale), 800, phases=False),
+         "alert_rule_test": [_alert("DraftEvalStale", "6d", None),
+                             _alert("DraftEvalStale", "8d", [{"severity": "info", **KEY}])]},
+        # DraftTrainingStalled: after 15 minutes in Stalled; never for Succeeded
+        {"interval": "5m", "input_series": as_input(series_of(stalled), 10),
+         "alert_rule_test": [_alert("DraftTrainingStalled", "10m", None),
+                             _alert("DraftTrainingStalled", "30m", [{"severity": "critical", "phase": "Stalled", **KEY}])]},
+        {"interval": "5m", "input_series": as_input(series_of(HEALTHY), 10),
+         "alert_rule_test": [_alert("DraftTrainingStalled", "30m", None)]},
+        # live alerts: a non-speculative server (regeneration) joining with accept length 0 fires nothing
+        {"interval": "5m", "input_series": [
+            {"series": live % "serving", "values": "3.2x130"},
+            {"series": live % "regen", "values": "_x102 0x28"},  # starts at 8.5 h
+            {"series": rate % "serving", "values": "0.6x130"},
+            {"series": rate % "regen", "values": "_x102 0x28"}],
+         "alert_rule_test": [_alert("DraftLiveAcceptLengthDrop", "9h15m", None),
+                             _alert("DraftLiveAcceptRateDrop", "9h15m", None)]},
+        # ... and a real drop of the acceptance rate fires
+        {"interval": "5m", "input_series": [{"series": rate % "serving", "values": "0.6x96 0.3x24"}],
+         "alert_rule_test": [_alert("DraftLiveAcceptRateDrop", "9h", [live_labels])]},
+    ]  # fmt: skip
+
+
+@needs_promtool
+def test_promtool_each_alert(tmp_path: Path) -> None:
+    rules = rule_groups(tmp_path)
+    cases = alert_cases()
+    long = [c for c in cases if c["interval"] == "15m"]  # days of data: a coarser evaluation step
+    res = _unit_test(rules, [c for c in cases if c not in long], tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    res = _unit_test(rules, long, tmp_path, evaluation_interval="15m")
+    assert res.returncode == 0, res.stdout + res.stderr
+    # every alert of the chart is covered (the drift ones by test_promtool_drift_alerts)
+    names = {t["alertname"] for c in cases for t in c["alert_rule_test"]}
+    groups = yaml.safe_load(rules.read_text())["groups"]
+    assert {r["alert"] for g in groups for r in g["rules"]} == names | {
+        "DraftEvalAcceptLengthBelowBaseline",
+        "DraftLiveAcceptLengthDrop",
+    }
+
+
+@needs_promtool
+def test_promtool_cases_are_not_vacuous(tmp_path: Path) -> None:
+    """The old expressions (before the fixes) fail these cases: the tests can see the bugs."""
+    rules = rule_groups(tmp_path)
+    groups = yaml.safe_load(rules.read_text())
+    for rule in groups["groups"][0]["rules"]:
+        if rule["alert"].startswith("DraftLive"):
+            old = rule["expr"].replace("]) > 0)", "]))").replace("offset 1h) > 0)", "offset 1h))")
+            assert old != rule["expr"]
+            rule["expr"] = old
+        if rule["alert"] == "DraftEvalStale":  # the old "no evaluation for 7 days" rule
+            rule["expr"] = "time() - drafttraining_eval_timestamp_seconds > 604800"
+    rules.write_text(yaml.safe_dump(groups))
+    zero_server = [c for c in alert_cases() if any("regen" in s["series"] for s in c["input_series"])]
+    assert _unit_test(rules, zero_server, tmp_path).returncode != 0
+    healthy = [c for c in alert_cases() if c["interval"] == "15m"][1:2]
+    assert healthy[0]["alert_rule_test"][0]["alertname"] == "DraftEvalStale"
+    assert _unit_test(rules, healthy, tmp_path, evaluation_interval="15m").returncode != 0
+    # a mismatch gauge that ignored "nothing serves yet" would fire during a first run
+    first_run = series_of(FIRST_RUN)
+    key = next(k for k in first_run if k.startswith("drafttraining_target_revision_mismatch"))
+    assert first_run[key] == 0.0
+    assert series_of(_status(FIRST_RUN, status__serving={"runId": "x", "targetRevision": "v0"}))[key] == 1.0
