@@ -32,9 +32,11 @@ FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="deepspec" \
       org.opencontainers.image.description="Speculative-decoding draft training, evaluation, export and the DraftTraining operator" \
       org.opencontainers.image.licenses="Apache-2.0"
+# HF_HOME: a folder uid 1000 owns. The operator's Jobs override it with a folder on the run volume
+# (/data/.cache) or an emptyDir (/cache) when the run stores to S3; /data only exists with a volume.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    HF_HOME=/data/.cache/huggingface \
+    HF_HOME=/home/deepspec/.cache/huggingface \
     HOME=/home/deepspec
 RUN groupadd --gid 1000 deepspec \
     && useradd --uid 1000 --gid 1000 --create-home --home-dir /home/deepspec --shell /usr/sbin/nologin deepspec

@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         kopf.operator(
             registry=registry,
             clusterwide=not args.namespace,
-            namespaces=args.namespace or None,
+            namespaces=args.namespace,  # [] with clusterwide (kopf 1.45 fails on None)
             standalone=not args.peering,
             peering_name=args.peering,
             liveness_endpoint=args.liveness,

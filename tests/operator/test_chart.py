@@ -82,8 +82,13 @@ def test_non_default_values_take_effect() -> None:
     assert {"ServiceMonitor", "PrometheusRule"}.isdisjoint({d["kind"] for d in render({})})
 
 
-def test_chart_crd_is_the_generated_one() -> None:
-    assert (CHART / "crds/drafttrainings.deepspec.io.yaml").read_text() == crd_yaml()
+def test_chart_crd_is_the_generated_one_and_upgrades() -> None:
+    """The CRD is a template (applied on every `helm upgrade`, kept on uninstall), not a crds/ file."""
+    assert not (CHART / "crds").exists()
+    crd = next(d for d in render({}) if d["kind"] == "CustomResourceDefinition")
+    assert crd == yaml.safe_load(crd_yaml())
+    assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert "CustomResourceDefinition" not in {d["kind"] for d in render({"crds": {"install": False}})}
 
 
 @pytest.mark.parametrize("kind", ["ClusterRole", "Role"])

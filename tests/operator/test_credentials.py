@@ -35,7 +35,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from helm_python.chart import Chart
-from operator_harness import CHART, NS, REPO, SUMMARY, Cluster, drive_to_success, write_kubeconfig
+from operator_harness import (
+    CHART,
+    NS,
+    REPO,
+    SUMMARY,
+    Cluster,
+    allowed,
+    clusterrole_rules,
+    drive_to_success,
+    operator_permissions,
+    write_kubeconfig,
+)
 
 from deepspec.operator.builders import Run
 from deepspec.operator.kube import KubeApi
@@ -115,6 +126,7 @@ class AuthGate:
         self.tokens: set[str] = set()
         self.rejected = 0
         self.accepted_by: dict[str, int] = {"token": 0, "certificate": 0}
+        self.namespace_verbs: set[tuple[str, str, str]] = set()  # answered here, not by kmock
         self.ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki.ca))
         self.ssl.load_cert_chain(str(pki.server), str(pki.server.with_suffix(".key")))
         self.ssl.verify_mode = ssl.CERT_OPTIONAL  # client certificates are verified when sent
@@ -134,6 +146,9 @@ class AuthGate:
             status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Unauthorized", "code": 401, "message": "Unauthorized"}  # fmt: skip
             return web.json_response(status, status=401)
         if request.path == "/api/v1/namespaces":
+            watch = request.query.get("watch") in ("true", "1")
+            if request.headers.get("User-Agent", "").startswith("kopf/"):
+                self.namespace_verbs.add(("watch" if watch else "list", "", "namespaces"))
             return await self.namespaces(request)
         return await self.kmock(request)
 
@@ -166,18 +181,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def chart_container() -> dict[str, Any]:
-    """The operator container exactly as the chart renders it (one watched namespace, short interval)."""
-    values = {"watchNamespaces": [NS], "reconcileInterval": 0.2, "metrics": {"port": _free_port()}}
+def chart_container(namespaced: bool = True) -> dict[str, Any]:
+    """The operator container exactly as the chart renders it (short interval, free ports)."""
+    values = {
+        "watchNamespaces": [NS] if namespaced else [],
+        "reconcileInterval": 0.2,
+        "healthPort": _free_port(),
+        "metrics": {"port": _free_port()},
+    }
     out = Chart.load(str(CHART)).render(values, name="ds", namespace="deepspec-system")
     dep = yaml.safe_load(out["deepspec-operator/templates/deployment.yaml"])
     return dep["spec"]["template"]["spec"]["containers"][0]
 
 
 @contextlib.asynccontextmanager
-async def operator_process(env: dict[str, str], log: Path) -> AsyncIterator[subprocess.Popen[bytes]]:
+async def operator_process(
+    env: dict[str, str], log: Path, namespaced: bool = True
+) -> AsyncIterator[subprocess.Popen[bytes]]:
     """``deepspec <chart args>`` (the image's ENTRYPOINT is ``deepspec``), stopped with SIGTERM."""
-    container = chart_container()
+    container = chart_container(namespaced)
     full_env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
     full_env.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
     full_env.update(env, PYTHONPATH=str(REPO))
@@ -259,11 +281,17 @@ async def test_kubeconfig_credentials(
         )  # fmt: skip
     before = dict(gate.accepted_by)
     log = tmp_path / "operator.log"
-    async with operator_process({"KUBECONFIG": str(kubeconfig)}, log) as proc:
+    clusterwide = method == "token"  # one run as a cluster-wide install: kopf scans namespaces and CRDs
+    async with operator_process({"KUBECONFIG": str(kubeconfig)}, log, namespaced=not clusterwide) as proc:
         await run_to_succeeded(cluster, example)
         assert proc.poll() is None, log.read_text()[-3000:]
     if method == "certificate":
         assert gate.accepted_by["certificate"] > before["certificate"]
+    if clusterwide:  # every request of the cluster-wide install is granted by the ClusterRole
+        used = operator_permissions(kmock) | gate.namespace_verbs
+        assert ("watch", "apiextensions.k8s.io", "customresourcedefinitions") in used  # kopf's scanning
+        rules = clusterrole_rules()
+        assert not sorted(u for u in used if not allowed(rules, *u)), used
     await cluster.api.close()
 
 

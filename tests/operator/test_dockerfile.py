@@ -41,6 +41,8 @@ def test_dockerfile_shape() -> None:
     assert 'ENTRYPOINT ["deepspec"]' in text
     assert "torch==${TORCH_VERSION}" in text and "whl/cu1" in text
     assert "[serve,operator]" in text
+    # the default model cache is writable by the image's user without any volume
+    assert re.search(r"HF_HOME=/home/deepspec/", text), "HF_HOME must point at a folder uid 1000 owns"
     # everything the image copies is tracked and present
     for src in re.findall(r"^COPY (?!--from)(?:--chown=\S+ )?(.+) \S+$", text, flags=re.M):
         for part in src.split():
