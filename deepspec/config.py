@@ -101,6 +101,22 @@ class DataConfig(StrictModel):
     )
     max_samples: int | None = Field(None, ge=1, description="Use only the first N records (None = all).")
     max_length: int = Field(4096, ge=16, description="Maximum tokens per training sequence (longer are cut).")
+    holdout: float = Field(
+        0,
+        ge=0,
+        description=(
+            "Prompts held out of training for checkpoint selection (`deepspec eval --select`): a count "
+            "(>= 1, whole) or a fraction (< 1) of the trainable records, chosen by a hash of each record's "
+            "id (the same set on every run, shard and process); 0 = none."
+        ),
+    )
+
+    @field_validator("holdout")
+    @classmethod
+    def _holdout_count_or_fraction(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError(f"holdout {v}: give a whole count (e.g. 256) or a fraction below 1 (e.g. 0.02)")
+        return v
 
 
 class SamplingConfig(StrictModel):

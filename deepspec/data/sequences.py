@@ -2,6 +2,8 @@
 
 * :func:`load_training_records` keeps records whose ``status`` is ``ok``, or ``truncated`` unless the
   record says ``"train": false`` (the regeneration's drop policy).
+* :func:`split_holdout` sets ``data.holdout`` records aside (chosen by a hash of their id): training
+  never sees them, and ``deepspec eval --select`` measures each checkpoint's accepted length on them.
 * :func:`tokenize_records` renders each conversation with the target's chat template and the
   assistant loss mask (:func:`deepspec.data.template.render_with_mask`).
 * :class:`ResumableBatchSampler` walks an endless stream of seeded per-epoch permutations. One
@@ -15,6 +17,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterable
@@ -76,6 +79,40 @@ def load_training_records(path: str | Path, stats: LoadStats | None = None) -> l
             else:
                 stats.skipped_status += 1
     return records
+
+
+HOLDOUT_SALT = "deepspec-holdout:"
+
+
+def holdout_count(holdout: float, total: int) -> int:
+    """How many of ``total`` records ``data.holdout`` holds out (a count, or a fraction, at least 1)."""
+    if holdout <= 0:
+        return 0
+    n = int(holdout) if holdout >= 1 else max(1, round(holdout * total))
+    if n >= total:
+        raise ValueError(
+            f"data.holdout {holdout} holds out {n} of {total} trainable records, leaving none to train on; "
+            "lower data.holdout"
+        )
+    return n
+
+
+def split_holdout(
+    records: list[dict[str, Any]], holdout: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training records, held-out records), both in file order.
+
+    The held-out records are the ``n`` whose ``sha256(salt + id)`` is smallest: the same set whatever
+    the file order, shard or process that reads the file.
+    """
+    n = holdout_count(holdout, len(records))
+    if not n:
+        return records, []
+    ranked = sorted(records, key=lambda r: hashlib.sha256((HOLDOUT_SALT + str(r["id"])).encode()).hexdigest())
+    held_ids = {str(r["id"]) for r in ranked[:n]}
+    train = [r for r in records if str(r["id"]) not in held_ids]
+    held = [r for r in records if str(r["id"]) in held_ids]
+    return train, held
 
 
 def tokenize_records(
@@ -241,7 +278,9 @@ def load_sequences(recipe: Any, tokenizer: Any, progress: bool = False) -> list[
     layout = RunLayout.from_recipe(recipe)
     path = layout.local_input(layout.regenerated)
     stats = LoadStats()
-    records = load_training_records(path, stats)
+    records, held = split_holdout(load_training_records(path, stats), recipe.data.holdout)
+    if held:
+        log.info("%d record(s) held out of training for checkpoint selection (data.holdout)", len(held))
     if recipe.data.max_samples:
         records = records[: recipe.data.max_samples]
     seqs = tokenize_records(

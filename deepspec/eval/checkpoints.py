@@ -18,14 +18,17 @@ if TYPE_CHECKING:
 
 
 CHECKPOINT_FILES = ("config.json", "model.safetensors")  # what a draft needs to load
+SELECTED = "selected"  # pointer written by `deepspec eval --select` beside `latest` (same format)
+POINTERS = (LATEST, SELECTED)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A ``step_<N>`` folder as is, or a training output folder (or its ``latest`` file) through ``latest``."""
+    """A ``step_<N>`` folder as is, a training output folder through ``latest``, or a pointer file
+    (``latest`` / ``selected``) through the step it names."""
     p = Path(path)
     if (p / "config.json").is_file():
         return p
-    latest = p if p.is_file() and p.name == LATEST else p / LATEST
+    latest = p if p.is_file() and p.name in POINTERS else p / LATEST
     p = latest.parent
     if latest.is_file():
         step = p / latest.read_text(encoding="utf-8").strip()
@@ -69,16 +72,18 @@ def locate_checkpoint(layout: RunLayout, checkpoint: str | Path) -> tuple[str, P
         step = resolve_checkpoint(text)
         return str(step), step
     base = text.rstrip("/")
-    if base.endswith("/" + LATEST):
-        base = base[: -len(LATEST) - 1]
+    pointer = LATEST
+    for name in POINTERS:
+        if base.endswith("/" + name):
+            base, pointer = base[: -len(name) - 1], name
     store = S3Store(base, layout.endpoint_url)
     if not store.exists("config.json"):
-        if not store.exists(LATEST):
+        if not store.exists(pointer):
             raise FileNotFoundError(
                 f"{text} is not a checkpoint: expected config.json + model.safetensors, or a 'latest' object "
                 "naming step_<N>"
             )
-        base = join(base, store.read_text(LATEST).strip())
+        base = join(base, store.read_text(pointer).strip())
     files = [layout.local_input(join(base, name)) for name in CHECKPOINT_FILES]
     return base, files[0].parent
 

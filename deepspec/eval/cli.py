@@ -69,6 +69,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "report accepted length and speedup per size (one process)",
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--select",
+        action="store_true",
+        help="instead of the benchmarks: decode the data.holdout prompts with every kept checkpoint of "
+        "training.output_dir and write <output_dir>/selected naming the highest accepted length "
+        "(--max-prompts caps the prompts)",
+    )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="[LABEL=]REPORT",
+        help="instead of evaluating: write a results document (Markdown + plots) into --output from these "
+        "report.json files or folders (drafts, the n-gram floor, any temperatures)",
+    )
+    parser.add_argument("--commands", help="--compare: file of the commands that made the reports (quoted verbatim)")
+    parser.add_argument("--machine", help="--compare: the machine in words (default: read from this host)")
 
 
 def options_from_args(args: argparse.Namespace) -> EvalOptions:
@@ -109,8 +125,16 @@ def run(args: argparse.Namespace) -> int:
     from deepspec.config import load_recipe
     from deepspec.eval.evaluator import EvalSetupError, Evaluator
 
+    if args.compare:
+        from deepspec.eval.compare import run_compare
+
+        return run_compare(args.compare, args.output, args.commands, args.machine)
     recipe = load_recipe(args.config, args.overrides)
     try:
+        if args.select:
+            from deepspec.eval.select import run_select
+
+            return run_select(recipe, options_from_args(args))
         evaluator = Evaluator(recipe, options_from_args(args))
     except EvalSetupError as e:
         print(f"error: {e}")

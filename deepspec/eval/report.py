@@ -12,6 +12,7 @@ Report shape (``report.json``)::
 
 from __future__ import annotations
 
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,59 @@ def markdown_table(report: dict[str, Any]) -> str:
     if "calibration" in report:
         c = report["calibration"]
         lines += ["", f"STS calibration: ECE {c['mean_ece_before']:.4f} -> {c['mean_ece_after']:.4f}"]
+    lines += ["", "How to read this:", "", *[f"- {note}" for note in reading_notes(report)]]
     return "\n".join(lines) + "\n"
+
+
+_STEP = re.compile(r"step_(\d+)/?$")
+
+
+def reading_notes(report: dict[str, Any]) -> list[str]:
+    """What the figures mean and when the speedup is no speedup figure (printed under the table).
+
+    The speedup is decomposed from measured counters: one verification round (draft proposals plus one
+    target forward over them) took ``round_cost`` plain decoding steps, so ``speedup = tau / round_cost``.
+    On anything but a GPU the wall clock of a small target is dominated by per-call host overhead, not by
+    the arithmetic speculation saves, so that figure says nothing about serving.
+    """
+    p, m = report["protocol"], report["macro"]
+    g = p.get("num_proposals")
+    notes = [
+        f"Accepted length tau = tokens committed per target forward, the corrected/bonus token included: "
+        f"1.0 means no draft token was ever accepted, {g + 1 if g else 'proposals + 1'} is the ceiling."
+    ]
+    if report["algorithm"] == "ngram":
+        notes.append(
+            "This is the n-gram (prompt lookup) floor: a model-free drafter copying continuations of the "
+            "prompt. A trained draft is only worth serving above this accepted length on the same prompts."
+        )
+    else:
+        notes.append(
+            "Compare with the model-free n-gram (prompt lookup) floor on the same prompts "
+            "(`deepspec eval --drafter ngram`, same recipe): a draft below it is not worth serving."
+        )
+        step = _STEP.search(str(report.get("checkpoint") or ""))
+        if step:
+            notes.append(f"The draft was trained for {int(step.group(1))} optimizer steps (`step_{step.group(1)}`).")
+    rounds = [
+        b
+        for b in report["benchmarks"].values()
+        if b.get("verify_rate") and b.get("baseline_tokens_per_second") and b.get("speedup")
+    ]
+    if rounds:
+        cost = macro_average([b["baseline_tokens_per_second"] / b["verify_rate"] for b in rounds])
+        notes.append(
+            f"Speedup {m['speedup']:.2f}x: one verification round (draft proposals + one target forward) took "
+            f"{cost:.2f}x the time of a plain decoding step (macro), so speedup is about tau / {cost:.2f}."
+        )
+    device = p.get("device")
+    if m.get("speedup") is not None and device != "cuda":
+        notes.append(
+            f"**The speedup is not meaningful here**: it was measured on {device or 'an unknown device'}, where "
+            "the wall clock of a small target is host-bound (per-call overhead, not the arithmetic that "
+            "speculation saves). Read the accepted length; speedup figures come from a GPU run."
+        )
+    return notes
 
 
 def write_report(
