@@ -157,3 +157,13 @@ def test_manifests_rbac_matches_chart() -> None:
     assert path.read_text() == rbac_manifest(), (
         "manifests/rbac.yaml is stale: DEEPSPEC_UPDATE_GOLDENS=1 pytest tests/operator/test_chart.py"
     )
+
+
+def test_leader_election_values() -> None:
+    docs = render({"leaderElection": {"enabled": True, "replicas": 2}})
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    assert dep["spec"]["replicas"] == 2 and "strategy" not in dep["spec"]
+    assert "--peering=ds-deepspec-operator" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    rules = rbac_rules({"leaderElection": {"enabled": True}})
+    assert allowed(rules, "patch", "kopf.dev", "clusterkopfpeerings")
+    assert not allowed(rbac_rules(), "patch", "kopf.dev", "clusterkopfpeerings")
