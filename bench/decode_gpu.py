@@ -199,6 +199,7 @@ def speed(args: argparse.Namespace) -> dict:
         )
         batches = [int(b) for b in (args.batches if shape == "smollm2" else "1").split(",")]
         for b in batches:
+            first = len(rows)
             prompts = pool[:b]
             rows.append(
                 {
@@ -217,7 +218,7 @@ def speed(args: argparse.Namespace) -> dict:
                     }
                 )
             rows.append({"shape": shape, "what": "ours spec ngram", **ours(ngram, prompts, spec=True)})
-            for r in rows[-4:]:
+            for r in rows[first:]:
                 print(json.dumps(r), flush=True)
         if args.profile and shape == "smollm2":
             from torch.profiler import ProfilerActivity, profile

@@ -315,9 +315,8 @@ class SpeculativeEngine:
                             g, 0, conf[:raw_g].float().cpu().tolist() if conf is not None else None, raw_g
                         )
                     )
-            ids = torch.tensor(
-                [[anchors[b], *drafts[b], *[0] * (slots - kept[b])] for b in range(n)], device=self.device
-            )
+            ids_host = [[anchors[b], *drafts[b], *[0] * (slots - kept[b])] for b in range(n)]
+            ids = torch.tensor(ids_host, device=self.device)
             start = torch.tensor(lengths, device=self.device)
             out = core.step(ids, start[:, None] + offsets, max(lengths) + slots + 1)
             u = row_uniforms([generators[b] for b in active], slots + 1, self.device) if sampling else None
@@ -338,8 +337,10 @@ class SpeculativeEngine:
                 reasons[b] = self._append(outs[b], [*drafts[b][:a], next_host[b]])
                 anchors[b] = next_host[b]
                 if reasons[b] is None and drafters is not None:
-                    # copies: a replayed graph overwrites its output buffers at the next step
-                    drafters[b].extend(ids[b, : 1 + a].clone(), out.features[b, : 1 + a].clone())
+                    # host tokens (no device read); a copy of the features, since a replayed graph
+                    # overwrites its output buffers at the next step
+                    committed = torch.tensor([ids_host[b][0], *drafts[b][:a]])
+                    drafters[b].extend(committed, out.features[b, : 1 + a].clone())
         self._sync()
         wall = time.perf_counter() - t1
         total_new = sum(len(o) - 1 for o in outs)
