@@ -21,7 +21,6 @@ from deepspec.eval.metrics import AcceptanceStats
 
 if TYPE_CHECKING:
     from deepspec.eval.benchmarks import BenchmarkPrompt
-    from deepspec.eval.evaluator import Evaluator
     from deepspec.eval.runner import Results, RunSettings
     from deepspec.models.base import SpeculativeDrafter
 
@@ -122,17 +121,20 @@ def sweep_row(batch_size: int, results: Results) -> dict[str, Any]:
     return row
 
 
-def batch_sweep(evaluator: Evaluator, first: Results, out: Path) -> str:
-    """Evaluate the remaining batch sizes; write ``batch_sweep.json`` and ``speedup_vs_batch.png``.
-
-    Returns the Markdown section (also appended to ``report.md``).
-    """
-    sizes = evaluator.options.batch_sizes or [1]
+def batch_sweep(
+    engine: SpeculativeEngine,
+    tokenizer: Any,
+    benchmarks: dict[str, list[BenchmarkPrompt]],
+    settings: RunSettings,
+    sizes: list[int],
+    first: Results,
+    out: Path,
+) -> str:
+    """Evaluate ``sizes[1:]`` (``first`` holds the results at ``sizes[0]``); write ``batch_sweep.json``
+    and ``speedup_vs_batch.png``. Returns the Markdown section (also appended to ``report.md``)."""
     rows = [sweep_row(sizes[0], first)]
     for b in sizes[1:]:
-        results, _ = evaluate_batched(
-            evaluator.engine, evaluator.tokenizer, evaluator.benchmarks, evaluator.settings, b
-        )
+        results, _ = evaluate_batched(engine, tokenizer, benchmarks, settings, b)
         rows.append(sweep_row(b, results))
     (out / "batch_sweep.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n", encoding="utf-8")
     plot_speedup(rows, out / "speedup_vs_batch.png")

@@ -255,7 +255,10 @@ class Evaluator:
             if self.options.batch_sizes:
                 from deepspec.eval.batched import batch_sweep
 
-                markdown += batch_sweep(self, results, out)
+                sizes = self.options.batch_sizes
+                markdown += batch_sweep(
+                    self.engine, self.tokenizer, self.benchmarks, self.settings, sizes, results, out
+                )
         summary = EvalSummary.from_report(report)
         gate = gate_decision(summary, self.recipe.evaluation.gate, self.options.baseline_accept_length)
         return EvalOutcome(report, summary, gate, self.report_dir, markdown)
@@ -289,6 +292,7 @@ class Evaluator:
             "confidence_threshold": o.confidence_threshold,
             "scheduler": self.scheduler.curve.to_dict() if self.scheduler else None,
             "calibration": o.calibration,
+            "device": self.device.type,  # speedup is a GPU figure: the report says so elsewhere
         }
         return build_report(
             results,

@@ -26,8 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", help="target revision reported in /v1/models and system_fingerprint")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], help="weights dtype")
-    parser.add_argument("--max-batch-size", type=int, default=32, help="requests generated together")
-    parser.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long to gather a batch")
+    parser.add_argument(
+        "--max-batch-size", type=int, default=32, help="requests decoded together (cache slots)"
+    )
+    parser.add_argument(
+        "--batch-wait-ms", type=float, default=20.0, help="when idle, how long to gather the first requests"
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        help="tokens per request, prompt + answer (default: the model's context, at most 4096)",
+    )
     parser.add_argument(
         "--threads", type=int, help="CPU threads for torch (default: torch's choice; 1 is best on a busy CPU)"
     )
@@ -54,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
+        max_model_len=args.max_model_len,
         request_log=args.request_log,
         served_model_name=args.served_model_name,
     )

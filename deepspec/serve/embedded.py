@@ -45,6 +45,7 @@ def build_app(
     device: str = "auto",
     max_batch_size: int = 32,
     batch_wait_ms: float = 20.0,
+    max_model_len: int | None = None,
     request_log: str | None = None,
     served_model_name: str | None = None,
 ) -> FastAPI:
@@ -59,6 +60,7 @@ def build_app(
         dtype=target.dtype,
         max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms,
+        max_model_len=max_model_len,
         trust_remote_code=target.trust_remote_code,
     )
     return create_app(
@@ -112,7 +114,7 @@ def embedded_server(
     """Load ``target`` and serve it in this process; yield the OpenAI base URL (``http://host:port/v1``).
 
     ``opts`` go to :func:`build_app`: ``device``, ``max_batch_size``, ``batch_wait_ms``,
-    ``request_log``, ``served_model_name``.
+    ``max_model_len``, ``request_log``, ``served_model_name``.
     """
     app = build_app(target, **opts)
     with serve_app(app, host, port) as url:

@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from deepspec.decode.core import DecodeCore
 from deepspec.decode.sampling import filtered_probs, inverse_cdf
+from deepspec.devices import pick_device
 from deepspec.serve.sampling import SamplingParams
 from deepspec.target_model.model import TargetModel
 
@@ -81,14 +82,6 @@ class _Row:
     length: int = 0  # positions written in the cache (the last sampled token is not yet)
     stopped_at: int | None = None
     sent: str = ""  # text already streamed
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} requested but CUDA is not available on this machine")
-    return torch.device(device)
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
