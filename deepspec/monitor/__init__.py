@@ -7,9 +7,12 @@
 * :mod:`.scrape`: SGLang / vLLM ``/metrics`` into windowed increments (engine semantics cited there).
 * :mod:`.canary`: a fixed, seeded prompt set through the OpenAI-compatible API.
 * :mod:`.service`: the loop and the ``deepspec_monitor_*`` Prometheus gauges.
-* ``alerts.yaml``: PrometheusRule ``spec.groups`` for live drift, missing metrics and a broken draft.
+* :mod:`.lifecycle`: retrain / promotion decisions; :mod:`.publish`: versioned GitOps publication.
+* ``alerts.yaml``: PrometheusRule ``spec.groups`` for live drift, missing metrics and a broken draft;
+  ``dashboard.json``: Grafana panels of live versus baseline and per-position acceptance.
 """
 
 from pathlib import Path
 
 ALERT_RULES = Path(__file__).with_name("alerts.yaml")
+DASHBOARD = Path(__file__).with_name("dashboard.json")

@@ -46,10 +46,10 @@ a gauge at 0 with traffic flowing means the server does not speculate (``log_dec
 
 from __future__ import annotations
 
-import urllib.error
+import http.client
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -174,14 +174,14 @@ class EndpointScraper:
         self.sglang_gauges = sglang_gauges
         self.fetch = fetch
         self.counters = CounterTracker()
-        # (tokens G, lifetime verification steps G / A, _created stamps of G) at the previous scrape
         self.models_seen: list[str] = []
+        # (tokens G, lifetime verification steps G / A, _created stamps of G) at the previous scrape
         self._cumulative_prev: tuple[float, float | None, tuple[float, ...]] | None = None
 
     def collect(self) -> Measurement:
         try:
             text = self.fetch(self.url)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, http.client.HTTPException) as e:
             return Measurement(reachable=False, detail=f"{self.url}: {e}")
         try:
             series = _parse(text)
@@ -253,8 +253,10 @@ class EndpointScraper:
                 detail=f"{self.url}: {what} (start SGLang with --enable-metrics; is this an SGLang endpoint?)",
             )
         d_tokens = self.counters.total_increase(SGLANG_GEN_TOKENS, tokens)
-        length = _mean(s.value for s in gauge.values()) if gauge else None
-        rate = _mean(s.value for s in series.get(SGLANG_ACCEPT_RATE, {}).values())
+        # one gauge per scheduler (tp / pp / dp rank); a rank that never decoded holds 0, so only
+        # ranks that report a value are averaged, and 0 everywhere means no speculation
+        length = _mean_reported(gauge)
+        rate = _mean_reported(series.get(SGLANG_ACCEPT_RATE, {}))
         if length is not None and length == 0.0 and d_tokens:
             return Measurement(
                 speculating=False,
@@ -323,9 +325,12 @@ class EndpointScraper:
         )
 
 
-def _mean(values: Iterable[float]) -> float | None:
-    vals = list(values)
-    return sum(vals) / len(vals) if vals else None
+def _mean_reported(gauge: dict[Labels, _Series]) -> float | None:
+    """Mean of the non-zero series; 0.0 when every series is 0; None without series."""
+    if not gauge:
+        return None
+    reported = [s.value for s in gauge.values() if s.value > 0]
+    return sum(reported) / len(reported) if reported else 0.0
 
 
 class MetricsScraper:

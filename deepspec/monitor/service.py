@@ -82,7 +82,10 @@ class Monitor:
     def tick(self) -> DriftStatus:
         """One measurement and decision."""
         now = self.clock()
-        m = self.source.collect()
+        try:
+            m = self.source.collect()
+        except Exception as e:  # a long-running service: an unexpected answer is missing data, not a crash
+            m = Measurement(reachable=False, detail=f"measurement failed: {type(e).__name__}: {e}")
         with self._lock:
             self.measurements += 1
             if m.reachable:

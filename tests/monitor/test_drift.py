@@ -125,3 +125,19 @@ def test_baseline_files(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"tau": 3}))
     with pytest.raises(ValueError, match=r"macro\.tau"):
         load_baseline(bad)
+
+
+def test_a_source_that_raises_is_missing_data() -> None:
+    from monitor_fakes import FakeClock
+
+    from deepspec.monitor.service import Monitor, MonitorLabels
+
+    class Exploding:
+        def collect(self) -> None:
+            raise KeyError("usage")
+
+    mon = Monitor(
+        Exploding(), MonitorLabels("m", "d", "vllm", "canary"), POLICY, 600, None, clock=FakeClock()
+    )
+    status = mon.tick()
+    assert status.state is DriftState.MISSING and "KeyError" in status.reason and mon.failures == 1

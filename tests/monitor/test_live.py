@@ -214,3 +214,22 @@ def test_learned_baseline_is_recorded_once_and_a_new_draft_resets_the_clock(tmp_
         fake.serve_steps(150, 1)
         clock.advance(60)
         assert mon.tick().state is DriftState.OK
+
+
+SGLANG_TEXT = """# HELP sglang:spec_accept_length The average acceptance length of speculative decoding.
+# TYPE sglang:spec_accept_length gauge
+sglang:spec_accept_length{{dp_rank="0",engine_type="unified",model_name="qwen3-8b",pp_rank="0",tp_rank="0"}} {a}
+sglang:spec_accept_length{{dp_rank="1",engine_type="unified",model_name="qwen3-8b",pp_rank="0",tp_rank="0"}} 0.0
+# HELP sglang:generation_tokens_total Number of generation tokens processed.
+# TYPE sglang:generation_tokens_total counter
+sglang:generation_tokens_total{{model_name="qwen3-8b"}} {g}
+"""
+
+
+def test_sglang_rank_that_never_decoded_is_not_averaged_in() -> None:
+    pages = iter([SGLANG_TEXT.format(a=0.0, g=0), SGLANG_TEXT.format(a=2.5, g=1000)])
+    scraper = MetricsScraper("sglang", ["http://sglang/metrics"])
+    scraper.endpoints[0].fetch = lambda url: next(pages)
+    assert scraper.collect().sample is None  # first scrape
+    m = scraper.collect()
+    assert m.sample is not None and 1 + m.sample.accepted_tokens / m.sample.verify_steps == pytest.approx(2.5)
