@@ -5,7 +5,9 @@ Modules, in the order data flows through them:
 * ``benchmarks``: ``{"turns": [...]}`` prompt files, caps and shuffle (``benchmarks_cli``: ``fetch``);
 * ``engine``: chain drafting + exact verification with a target KV cache (``sampling``: rejection
   sampling; ``kv_cache``: cache cropping shared with the scheduler's profiler), and the plain target
-  decode used as the speed baseline;
+  decode used as the speed baseline; on the decode core of :mod:`deepspec.decode` (static row cache,
+  CUDA graphs) by default, ``B`` prompts in lockstep with ``generate_batch``;
+* ``batched``: ``deepspec eval --batch-size``: the suite per batch size, speedup against batch size;
 * ``drafters``: model-free drafters (n-gram prompt lookup, random) for baselines and tests;
 * ``scheduler`` / ``calibration``: DSpark's hardware-aware prefix scheduler and Sequential Temperature
   Scaling of its confidence head;
