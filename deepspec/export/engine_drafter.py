@@ -66,7 +66,11 @@ class EngineDrafter:
         if algorithm is None or view.architecture not in ACCEPTED[engine]:
             raise EngineLoadError(
                 f"{engine} does not load architectures={view.cfg.get('architectures')} as one of our drafts"
-                + (" (vLLM routes DSparkDraftModel to its DeepSeek-V4 model)" if engine == "vllm" else "")
+                + (
+                    " (vLLM routes it to its DeepSeek-V4 model)"
+                    if view.architecture == "DSparkDraftModel"
+                    else ""
+                )
             )
         self.engine, self.algorithm, self.cfg = engine, algorithm, view.cfg
         self.capture_layer_ids = engine_capture_ids(view.cfg, engine)

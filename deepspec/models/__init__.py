@@ -77,6 +77,13 @@ def load_draft(checkpoint_dir: str | Path, target: TargetModel) -> DraftModel:
         if key in section and int(section[key]) != int(have):
             raise ValueError(f"draft in {checkpoint_dir} expects {key}={section[key]}, the target has {have}")
     model = build_draft(cfg, target, mask_token_id=section.get("mask_token_id"))
+    trained_as = section.get("slot_convention")
+    if cfg.algorithm == "dflash" and trained_as != model.slot_convention:  # type: ignore[attr-defined]
+        raise ValueError(
+            f"draft in {checkpoint_dir} was trained with slot convention {trained_as!r} (before issue 10 DFlash "
+            f"slot k predicted anchor+k+1); this DFlash runs {model.slot_convention!r} as SGLang and vLLM do: "
+            f"retrain it"
+        )
     weights_path = Path(checkpoint_dir) / "model.safetensors"
     if not weights_path.is_file():
         raise FileNotFoundError(f"no model.safetensors in {checkpoint_dir}")

@@ -114,3 +114,26 @@ def test_mask_token_defaults_to_a_reserved_id(llama_target):
     assert default_mask_token_id(cfg) == cfg.pad_token_id == 0  # tiny models: pad is distinct from bos/eos
     draft = make_draft("dflash", llama_target)
     assert draft.draft_config()["mask_token_id"] == 0
+
+
+def test_engine_slot_convention(llama_target):
+    """DFlash: block [anchor, mask x (B-1)], slot 0 unused, mask slot j predicts the token at anchor+j."""
+    draft = make_draft("dflash", llama_target, block_size=5).eval()
+    assert draft.proposals_per_block == 4 and draft.slot_convention == "mask slot j predicts anchor+j"
+    batch = make_batch(llama_target, batch=1, seq=20, pad=False)
+    ids = batch.input_ids[0]
+    anchors = torch.tensor([[9]])
+    with torch.no_grad():
+        out = draft.block_forward(batch, anchors, torch.ones_like(anchors, dtype=torch.bool))
+        # the whole block by hand: slots 0..4 at positions 9..13, context = positions 0..8
+        h = draft.embed(torch.tensor([[int(ids[9])] + [draft.mask_token_id] * 4]))
+        rope_q = draft.rotary(torch.arange(9, 14))
+        ctx = draft.context(batch.features[:, :9])
+        rope_c = draft.rotary(torch.arange(9))
+        for layer in draft.layers:
+            h = layer(h, rope_q, layer.self_attn.project_kv(ctx, *rope_c), None)
+        full = draft.norm(h)[0]
+    torch.testing.assert_close(out.hidden[0, 0], full[1:])  # predictions come from mask slots 1..4
+    assert out.labels[0, 0].tolist() == ids[10:14].tolist()  # slot j -> the token at anchor + j
+    dspark = make_draft("dspark", llama_target, block_size=5)
+    assert dspark.proposals_per_block == 5 and dspark.slot_convention == "slot k predicts anchor+k+1"

@@ -190,3 +190,16 @@ def test_draft_configs_carry_serving_fields(llama_target):
     s = make_draft("dspark", llama_target).draft_config()
     assert s["markov_rank"] == 16 and s["markov_head_type"] == "vanilla" and s["enable_confidence_head"]
     json.dumps([e, f, s])  # plain JSON
+
+
+def test_old_convention_dflash_checkpoint_is_refused(llama_target, tmp_path):
+    draft = make_draft("dflash", llama_target)
+    cfg = draft.draft_config()
+    cfg["deepspec"].pop("slot_convention")  # a checkpoint written before the engines' convention
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    save_file(
+        {k: v.contiguous() for k, v in draft.trainable_state_dict().items()},
+        str(tmp_path / "model.safetensors"),
+    )
+    with pytest.raises(ValueError, match="retrain it"):
+        load_draft(tmp_path, llama_target)
