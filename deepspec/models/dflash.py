@@ -144,7 +144,12 @@ class DFlashDecoderLayer(nn.Module):
         rope_q: tuple[torch.Tensor, torch.Tensor],  # block positions
         ctx_kv: tuple[torch.Tensor, torch.Tensor] | None,  # [B, Hkv, Tc, d] this layer's context keys/values
         mask: Any = None,  # dense bool [B, 1, Nq, Tc + Nq], a flex BlockMask, or None (attend to all)
+        context: tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
+        """``context`` (projected context states [B, Tc, H] and their rope) instead of ``ctx_kv``: the keys and
+        values are projected here, inside this layer's forward, so that FSDP2 can shard each layer apart."""
+        if context is not None:
+            ctx_kv = self.self_attn.project_kv(context[0], *context[1])
         x = self.input_layernorm(h)
         q = self.self_attn.project_q(x, *rope_q)
         k, v = self.self_attn.project_kv(x, *rope_q)
@@ -264,8 +269,7 @@ class DFlashDraft(DraftModel):
         def run_layers(mask: Any) -> torch.Tensor:
             x = h
             for layer in self.layers:
-                ctx_kv = layer.self_attn.project_kv(ctx, *rope_c)
-                x = layer(x, rope_q, ctx_kv, mask)
+                x = layer(x, rope_q, None, mask, context=(ctx, rope_c))
             return x
 
         out = None

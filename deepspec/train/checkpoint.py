@@ -178,6 +178,17 @@ class Checkpointer:
         if self.remote:
             upload_folder(local_dir, self.location, self.endpoint_url)
 
+    def download_logs(self, local_dir: Path, names: tuple[str, ...] = ("metrics.jsonl",)) -> None:
+        """S3 only: bring back logs a previous run uploaded, unless ``local_dir`` already has them."""
+        if not self.remote:
+            return
+        store = S3Store(self.location, self.endpoint_url)
+        for name in names:
+            dest = local_dir / name
+            if not dest.exists() and store.exists(name):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                store.client.download_file(store.bucket, store.key(name), str(dest))
+
     # ---- reading --------------------------------------------------------------------------------
 
     def latest(self) -> str | None:

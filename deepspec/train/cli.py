@@ -32,5 +32,5 @@ def run(args: argparse.Namespace) -> int:
         trainer.close()
     if trainer.dist.is_main:
         shown = {k: v for k, v in final.items() if k != "acceptance"}
-        print(json.dumps({"step": trainer.step, "output_dir": recipe.training.output_dir, **shown}))
+        print(json.dumps({"step": trainer.step, "output_dir": trainer.layout.checkpoints, **shown}))
     return 0

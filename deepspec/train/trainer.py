@@ -5,7 +5,8 @@ sequence in ``__init__`` (torchtitan's layout): distributed set-up -> target -> 
 draft (+ compile + parallel wrapper) -> optimizer + scheduler -> checkpointer (+ resume) -> metrics.
 ``train_step`` runs the micro-batches of one global batch (gradient accumulation), clips, steps.
 
-FSDP2 (``training.parallelism: fsdp2``) shards the draft with ``fully_shard``; with ``precision: bf16`` the gathered parameters are bf16 and gradients are reduced
+FSDP2 (``training.parallelism: fsdp2``) shards the draft with ``fully_shard`` (each DFlash/DSpark
+layer, then the root); with ``precision: bf16`` the gathered parameters are bf16 and gradients are reduced
 in fp32 (the sharded master weights and the optimizer state stay fp32). Checkpoints
 (:mod:`deepspec.train.checkpoint`) hold the full weights plus a DCP optimizer folder, so a run resumes
 bit-exactly on the same world size and resumes on another one.
@@ -21,6 +22,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -207,6 +209,8 @@ class Trainer:
         # 6. metrics (S3 outputs: written locally, uploaded next to the checkpoints at each save)
         self.log_dir = self.layout.work_dir(self.layout.checkpoints + "/logs") if self.checkpointer.remote \
             else Path(self.layout.checkpoints)  # fmt: skip
+        if self.dist.is_main:
+            self.checkpointer.download_logs(self.log_dir)  # a resumed run appends to the uploaded log
         self.metrics = MetricsLogger(self.log_dir, enabled=self.dist.is_main)
         self.autocast_dtype = (
             torch.bfloat16 if (self.device.type == "cuda" and tc.precision == "bf16") else None
@@ -283,10 +287,12 @@ class Trainer:
             mp = MixedPrecisionPolicy()  # fp32 parameters and reduction
             if self.recipe.training.precision == "bf16":
                 mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            # One unit, the root: the drafts call parts of their layers outside the layers' own forward
-            # (DFlash projects each layer's context keys/values before running it; Eagle3 unrolls its
-            # layer step by step), where per-layer units would still be sharded. Parameters, gradients
-            # and optimizer state are sharded at rest; the full bf16 parameters exist during a step.
+            # DFlash/DSpark: one unit per decoder layer (gathered only while that layer runs), then the
+            # root. Eagle3 calls its single layer's parts one by one during the unroll, outside the
+            # layer's forward, so its layer stays in the root unit.
+            if self.recipe.draft.algorithm != "eagle3":
+                for layer in getattr(draft, "layers", []):
+                    fully_shard(layer, mp_policy=mp)
             return fully_shard(draft, mp_policy=mp)
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -315,7 +321,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         optim = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
-        dcp.load(optim, checkpoint_id=str(ckpt.optimizer_dir))
+        dcp.load(optim, checkpoint_id=str(ckpt.optimizer_dir), no_dist=not self.dist.enabled)
         set_optimizer_state_dict(self.model, self.optimizer, optim["optimizer"])
         if ckpt.rng is not None and state["world_size"] == self.dist.world_size:
             set_rng_state(ckpt.rng)
@@ -327,6 +333,8 @@ class Trainer:
                 self.dist.world_size,
             )
             torch.manual_seed(self.recipe.training.seed + 1_000_003 * self.step + self.dist.rank)
+        if self.checkpointer.remote:
+            shutil.rmtree(ckpt.path, ignore_errors=True)  # this rank's download of the S3 checkpoint
 
     def _full_weights(self) -> dict[str, torch.Tensor]:
         """The draft's weights in full on rank 0, fp32 on the CPU (gathers FSDP2 shards; call on every rank)."""
@@ -339,9 +347,8 @@ class Trainer:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        dcp.save(
-            {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}, checkpoint_id=str(folder)
-        )
+        state = {"optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+        dcp.save(state, checkpoint_id=str(folder), no_dist=not self.dist.enabled)
 
     def save(self) -> str:
         self._sync_tokens()
