@@ -474,8 +474,8 @@ class Trainer:
         )
         if self.device.type == "cuda":
             values["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            if self.peak_flops:
-                values["mfu"] = tok_s * self.flops_per_token / (self.peak_flops * self.dist.world_size)
+        if self.peak_flops:  # known for the GPUs in metrics.PEAK_BF16_FLOPS
+            values["mfu"] = tok_s * self.flops_per_token / (self.peak_flops * self.dist.world_size)
         self.metrics.log(self.step, values)
         if bar is not None:
             post = {"loss": f"{values['loss']:.3f}", "tok/s": f"{tok_s:,.0f}"}
