@@ -207,8 +207,10 @@ class Trainer:
             log.info("resumed from %s at step %d", location, self.step)
 
         # 6. metrics (S3 outputs: written locally, uploaded next to the checkpoints at each save)
-        self.log_dir = self.layout.work_dir(self.layout.checkpoints + "/logs") if self.checkpointer.remote \
-            else Path(self.layout.checkpoints)  # fmt: skip
+        if self.checkpointer.remote:
+            self.log_dir = self.layout.work_dir(self.layout.checkpoint("logs"))  # a stable local folder
+        else:
+            self.log_dir = Path(self.layout.checkpoints)
         if self.dist.is_main:
             self.checkpointer.download_logs(self.log_dir)  # a resumed run appends to the uploaded log
         self.metrics = MetricsLogger(self.log_dir, enabled=self.dist.is_main)
