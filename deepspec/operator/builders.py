@@ -53,6 +53,8 @@ CACHE_MOUNT = "/cache"
 MANAGED_BY = "deepspec-operator"
 TERMINATION_LOG = "/dev/termination-log"
 STAGES = ("seed", "regenerate", "merge", "features", "train", "evaluate", "export")
+#: Stages that write a ``<stage>-<id>/`` folder under the run root.
+FOLDER_STAGES = ("regenerate", "features", "train", "evaluate", "export")
 JOB_STAGES = ("seed", "regenerate", "merge", "features", "evaluate", "export", "summary")
 CPU_REQUESTS = {"cpu": "1", "memory": "2Gi"}
 GPU_REQUESTS_PER_GPU = {"cpu": 4, "memory": 16}  # cores, GiB per GPU when the user gives no requests
@@ -133,7 +135,10 @@ class Run:
     # ---- names -----------------------------------------------------------------------------------
 
     def stage_id(self, stage: str) -> str:
-        """The id of a stage; the server and the eval-summary reader share their stage's id."""
+        """The id of a stage; the server and the eval-summary reader share their stage's id, the
+        prune Job is the whole run's."""
+        if stage == "prune":
+            return self.run_id
         return self.ids[{"server": "regenerate", "summary": "evaluate"}.get(stage, stage)]
 
     def child_name(self, stage: str) -> str:
@@ -207,7 +212,7 @@ class Run:
             "app.kubernetes.io/managed-by": MANAGED_BY,
             "deepspec.io/run": self.run_id,
         }
-        if component in (*STAGES, "server", "summary"):
+        if component in (*STAGES, "server", "summary", "prune"):
             out["deepspec.io/stage-id"] = self.stage_id(component)
         return out
 
@@ -495,7 +500,7 @@ def _pod_template(
 
 def _job(run: Run, stage: str, template: dict[str, Any], **spec: Any) -> dict[str, Any]:
     name = run.child_name(stage)
-    deadline_stage = "evaluate" if stage == "summary" else stage
+    deadline_stage = {"summary": "evaluate", "prune": "export"}.get(stage, stage)
     return _drop_none(
         {
             "apiVersion": "batch/v1",
@@ -732,8 +737,20 @@ def build_summary_job(run: Run) -> dict[str, Any]:
         "deepspec", "operator", "read-summary", f"{run.layout().eval_dir}/summary.json",
         "--termination-log", TERMINATION_LOG,
     ]  # fmt: skip
+    if run.spec.storage.s3 is not None and run.spec.storage.s3.endpointUrl:
+        cmd += ["--endpoint-url", run.spec.storage.s3.endpointUrl]
     c = _container(run, "summary", cmd, 0, {})
     return _job(run, "summary", _pod_template(run, "summary", [c]), backoffLimit=1)
+
+
+def build_prune_job(run: Run) -> dict[str, Any]:
+    """Delete the ``<stage>-<id>`` folders of superseded runs (the current run now serves)."""
+    keep = [f"{s}-{run.stage_id(s)}" for s in FOLDER_STAGES]
+    cmd = ["deepspec", "operator", "prune", run.storage_uri, "--keep", ",".join(keep)]
+    if run.spec.storage.s3 is not None and run.spec.storage.s3.endpointUrl:
+        cmd += ["--endpoint-url", run.spec.storage.s3.endpointUrl]
+    c = _container(run, "prune", cmd, 0, {})
+    return _job(run, "prune", _pod_template(run, "prune", [c]), backoffLimit=1, ttlSecondsAfterFinished=86400)
 
 
 def build_export_job(run: Run, checkpoint: str | None = None) -> dict[str, Any]:

@@ -45,9 +45,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     seed.add_argument("--benchmarks-dir", help="benchmark folder on the run volume")
     seed.add_argument("--benchmarks", default="", help="comma-separated benchmark stems")
     seed.add_argument("--fetch-benchmarks", action="store_true", help="build missing ones (network)")
+    prune = sub.add_parser("prune", help="(prune Job) delete superseded runs' stage folders")
+    prune.add_argument("root", help="the resource's artefact root (/data/<name> or s3://...)")
+    prune.add_argument("--keep", required=True, help="comma-separated <stage>-<id> folders to keep")
+    prune.add_argument("--endpoint-url", help="S3 endpoint")
     summary = sub.add_parser("read-summary", help="(summary Job) print an evaluation's summary.json")
     summary.add_argument("uri", help="summary.json path or s3:// URI")
     summary.add_argument("--termination-log", help="also write it to this file")
+    summary.add_argument("--endpoint-url", help="S3 endpoint")
 
 
 def _render(path: str, backend: str | None) -> int:
@@ -101,11 +106,21 @@ def run(args: argparse.Namespace) -> int:
                 Path("/dev/termination-log").write_text(str(e)[:4000], encoding="utf-8")
             return 2
         return 0
+    if args.action == "prune":
+        from deepspec.operator.seed import prune
+
+        try:
+            for folder in prune(args.root, [k for k in args.keep.split(",") if k], args.endpoint_url):
+                print(f"deleted {args.root}/{folder}")
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     if args.action == "read-summary":
         from deepspec.operator.seed import read_summary
 
         try:
-            print(read_summary(args.uri, args.termination_log))
+            print(read_summary(args.uri, args.termination_log, args.endpoint_url))
         except (OSError, ValueError) as e:
             print(f"error: cannot read the evaluation summary {args.uri}: {e}", file=sys.stderr)
             return 2

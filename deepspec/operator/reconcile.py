@@ -383,7 +383,9 @@ class Reconciler:
         )  # fmt: skip
         st.run.trainingBackend = self.run.training_backend
         st.run.storageUri = self.run.storage_uri
-        await self.remove_superseded_children()
+        if not st.run.supersededRemoved:
+            await self.remove_superseded_children()
+            st.run.supersededRemoved = True
 
         if self.spec.suspend:
             await self.suspend()
@@ -432,6 +434,15 @@ class Reconciler:
         st.checkpointUri = st.results.checkpoint
         st.trainedTargetRevision = st.run.targetRevision
         self.set_phase("Succeeded", f"draft serving with accepted length {st.results.macroAcceptLength}")
+        if self.spec.storage.pruneSuperseded:
+            await self.prune_superseded_folders()
+
+    async def prune_superseded_folders(self) -> None:
+        """Best effort, once per run: a Job deletes older runs' folders (a refusal blocks nothing)."""
+        try:
+            await self.ensure(b.build_prune_job(self.run))
+        except _Stop:
+            self.blocked = None
 
     async def training_backend(self) -> str:
         if self.status.run.trainingBackend:

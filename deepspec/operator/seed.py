@@ -10,10 +10,14 @@ inside regeneration.
 
 ``deepspec operator read-summary URI`` (the summary Job): copies an evaluation's ``summary.json`` into
 the pod's termination message, for when the evaluation pod itself is gone (evicted, GC'd).
+
+``deepspec operator prune ROOT --keep a,b`` (the prune Job, after a run succeeded): deletes the
+``<stage>-<id>`` folders under the resource's root that the serving run does not use.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import urllib.request
 from pathlib import Path
@@ -96,13 +100,39 @@ def seed(
     return done
 
 
-def read_summary(uri: str, termination_log: str | None) -> str:
+def read_summary(uri: str, termination_log: str | None, endpoint_url: str | None = None) -> str:
     """The summary document at ``uri`` (local or s3://), validated, optionally written to the log."""
     from deepspec.eval.summary import EvalSummary
 
     parent, _, name = uri.rpartition("/")
-    text = open_store(parent).read_text(name)
+    text = open_store(parent, endpoint_url).read_text(name)
     summary = EvalSummary.parse(text).to_json()
     if termination_log:
         Path(termination_log).write_text(summary, encoding="utf-8")
     return summary
+
+
+STAGE_FOLDER = re.compile(r"(regenerate|features|train|evaluate|export)-[0-9a-f]{8}")
+
+
+def prune(root: str, keep: list[str], endpoint_url: str | None = None) -> list[str]:
+    """Delete the stage folders under ``root`` (local or s3://) not named in ``keep``; returns them.
+
+    Only names the operator creates (``<stage>-<8 hex>``) are touched; anything else a user put under
+    the root stays.
+    """
+    if not keep or not all(STAGE_FOLDER.fullmatch(k) for k in keep):
+        raise ValueError(f"refusing to prune with keep={keep!r}: expected <stage>-<id> folder names")
+    store = open_store(root, endpoint_url)
+    if is_s3(root):
+        present = {name.split("/", 1)[0] for name in store.list() if "/" in name}
+    else:
+        present = {p.name for p in Path(root).iterdir() if p.is_dir()} if Path(root).is_dir() else set()
+    doomed = sorted(d for d in present - set(keep) if STAGE_FOLDER.fullmatch(d))
+    for folder in doomed:
+        if is_s3(root):
+            for name in store.list(folder + "/"):
+                store.delete(name)
+        else:
+            shutil.rmtree(Path(root) / folder)
+    return doomed

@@ -436,6 +436,13 @@ class StorageSpec(SpecModel):
 
     pvc: PVCStorage | None = Field(None, description="PVC storage (the default when neither is set).")
     s3: S3Storage | None = Field(None, description="S3 storage.")
+    pruneSuperseded: bool = Field(
+        True,
+        description=(
+            "After a run succeeds, a Job deletes the stage folders no current stage uses (older runs' "
+            "data, checkpoints, reports, exports). false: keep every run's folders."
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_backend(self) -> StorageSpec:
@@ -587,6 +594,9 @@ class RunStatus(BaseModel):
     )
     stageStartedAt: dict[str, str] = Field(default_factory=dict, description="stage -> start (deadlines)")
     retryRequest: str | None = Field(None, description="Last deepspec.io/retry annotation value handled.")
+    supersededRemoved: bool = Field(
+        False, description="The children of earlier runs have been deleted (done once per run)."
+    )
     trainingBackend: str | None = None
 
 

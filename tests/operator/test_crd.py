@@ -141,7 +141,8 @@ def test_defaults_do_not_pin_operator_choices() -> None:
     """The CRD defaults no image: a stored object keeps following the operator's own image."""
     stored, _ = admit(BASE)
     assert "image" not in stored["spec"]
-    assert stored["spec"]["storage"] == {} and stored["spec"]["deadlines"]["trainSeconds"] > 0
+    assert stored["spec"]["storage"] == {"pruneSuperseded": True}
+    assert stored["spec"]["deadlines"]["trainSeconds"] > 0
 
 
 def test_field_names_are_camel_case() -> None:

@@ -258,6 +258,17 @@ async def test_evaluation_change_reevaluates_only(op: Operator) -> None:
     assert ("jobs", new.child_name("evaluate")) in created
     assert not [k for k in created if k[0] in ("pytorchjobs", "deployments") or "regenerate" in k[1]]
     assert mid["status"]["serving"]["runId"] == old.run_id  # still serving the evaluated draft
+    # once the new run serves, a Job prunes the superseded folders (the old evaluation's), keeping
+    # every folder the serving run uses (the shared checkpoint included)
+    await c.add_eval_pod(new.child_name("evaluate"), SUMMARY)
+    await finish(c, new, "evaluate")
+    done = await op.tick()
+    assert done["status"]["phase"] == "Succeeded" and done["status"]["serving"]["runId"] == new.run_id
+    job = await c.api.get("batch/v1", "Job", NS, new.child_name("prune"))
+    cmd = job["spec"]["template"]["spec"]["containers"][0]["command"]
+    keep = cmd[cmd.index("--keep") + 1].split(",")
+    assert f"train-{old.ids['train']}" in keep and f"evaluate-{new.ids['evaluate']}" in keep
+    assert f"evaluate-{old.ids['evaluate']}" not in keep
 
 
 async def test_suspend_stops_and_resumes(op: Operator) -> None:
