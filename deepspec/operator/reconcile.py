@@ -519,28 +519,31 @@ class Reconciler:
         current = {k: run.stage_id(k) for k in (*b.STAGES, "server", "summary")}
         selector = {"app.kubernetes.io/instance": run.name, "app.kubernetes.io/managed-by": b.MANAGED_BY}
         kept: list[dict[str, Any]] = []
-        doomed: list[dict[str, Any]] = []
+        doomed: list[tuple[str, str, dict[str, Any]]] = []
         for api_version, kind in (*WORKLOAD_KINDS, *OTHER_KINDS):
             if not await self.served(api_version, kind):
                 continue
+            # items of a list carry no apiVersion/kind on a real API server: keep the loop's
             for obj in await self.api.list(api_version, kind, run.namespace, selector):
                 labels = obj["metadata"].get("labels") or {}
                 component = labels.get("app.kubernetes.io/component", "")
                 if kind == "ConfigMap":
-                    (kept if labels.get("deepspec.io/run") == run.run_id else doomed).append(obj)
-                elif component in current and labels.get("deepspec.io/stage-id") != current[component]:
-                    doomed.append(obj)
+                    superseded = labels.get("deepspec.io/run") != run.run_id
+                else:
+                    superseded = (
+                        component in current and labels.get("deepspec.io/stage-id") != current[component]
+                    )
+                if superseded:
+                    doomed.append((api_version, kind, obj))
                 else:
                     kept.append(obj)
         mounted = set().union(*(_configmaps_referenced(o.get("spec")) for o in kept)) if kept else set()
-        for obj in doomed:
-            meta = obj["metadata"]
-            if obj["kind"] == "ConfigMap" and meta["name"] in mounted:
+        for api_version, kind, obj in doomed:
+            name = obj["metadata"]["name"]
+            if kind == "ConfigMap" and name in mounted:
                 continue
-            if await self.api.delete(
-                obj.get("apiVersion") or "", obj["kind"], meta["namespace"], meta["name"]
-            ):
-                self.out.deleted.append(f"{obj['kind']}/{meta['name']}")
+            if await self.api.delete(api_version, kind, run.namespace, name):
+                self.out.deleted.append(f"{kind}/{name}")
         if self.out.deleted:
             self.out.events.append(
                 ("Normal", "SupersededChildrenDeleted", ", ".join(self.out.deleted)[:1000])

@@ -111,8 +111,20 @@ async def op(cluster: Cluster, example: dict[str, Any]) -> Any:
     await o.api.close()
 
 
-async def test_spec_change_mid_run_leaves_no_running_child_of_the_old_run(op: Operator) -> None:
+async def test_spec_change_mid_run_leaves_no_running_child_of_the_old_run(
+    op: Operator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     c = op.cluster
+    real_list = KubeApi.list
+
+    async def list_like_a_server(self: KubeApi, *args: Any, **kw: Any) -> list[dict[str, Any]]:
+        """A real API server's list items carry no apiVersion/kind (kmock's do)."""
+        return [
+            {k: v for k, v in o.items() if k not in ("apiVersion", "kind")}
+            for o in await real_list(self, *args, **kw)
+        ]
+
+    monkeypatch.setattr(KubeApi, "list", list_like_a_server)
     old = await to_training(op)
     await op.spec_patch({"target": {"revision": "v2"}})
     mid = await op.tick()
