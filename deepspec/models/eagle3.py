@@ -47,7 +47,8 @@ def build_vocab_mapping(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the ``draft_vocab_size`` most frequent target tokens.
 
-    token_counts: [V] counts over the (regenerated) training data. Ties go to the lower token id.
+    token_counts: [V] supervised-token counts of the training data
+    (:func:`deepspec.data.sequences.token_frequencies`). Ties go to the lower token id.
     Returns ``d2t`` [draft_vocab_size] long with ``d2t[i] = target_id - i`` (draft ids sorted by target id)
     and ``t2d`` [V] bool, True for target ids in the draft vocabulary (SGLang / EAGLE-3 convention).
     """
@@ -63,12 +64,6 @@ def build_vocab_mapping(
     t2d = torch.zeros(vocab, dtype=torch.bool)
     t2d[ids] = True
     return d2t.long(), t2d
-
-
-def count_tokens(input_ids: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Counts [V] of supervised (assistant) tokens in a batch; sum these over the regenerated data."""
-    ids = input_ids[loss_mask.bool()].reshape(-1).long().cpu()
-    return torch.bincount(ids, minlength=vocab_size)[:vocab_size]
 
 
 # --------------------------------------------------------------------------------------------------

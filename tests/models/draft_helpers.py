@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from deepspec.config import draft_model_config
+from deepspec.data.sequences import TokenizedSequence, token_frequencies
 from deepspec.models import build_draft
 from deepspec.models.draft import DraftBatch
 from deepspec.testing.tiny import tiny_target
@@ -26,6 +27,14 @@ def make_draft(algorithm: str, target, **overrides):
     kw.update(overrides)
     torch.manual_seed(1)
     return build_draft(draft_model_config(**kw), target)
+
+
+def batch_token_counts(batch: DraftBatch, vocab_size: int) -> torch.Tensor:
+    """Supervised-token counts of a batch, through the trainer's own counter."""
+    rows = [
+        TokenizedSequence(str(i), batch.input_ids[i], batch.loss_mask[i]) for i in range(len(batch.input_ids))
+    ]
+    return token_frequencies(rows, vocab_size)
 
 
 def make_batch(target, batch: int = 2, seq: int = 24, seed: int = 0, pad: bool = True) -> DraftBatch:

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from deepspec.models.eagle3 import build_vocab_mapping, count_tokens, ttt_attention
+from deepspec.models.eagle3 import build_vocab_mapping, ttt_attention
 
-from .draft_helpers import make_batch, make_draft
+from .draft_helpers import batch_token_counts, make_batch, make_draft
 
 
 def test_ttt_attention_equals_dense_attention_over_explicit_keys():
@@ -98,7 +98,7 @@ def test_build_vocab_mapping():
 def test_reduced_vocabulary_draft(llama_target):
     target = llama_target
     batch = make_batch(target)
-    counts = count_tokens(batch.input_ids, batch.loss_mask, target.vocab_size)
+    counts = batch_token_counts(batch, target.vocab_size)
     assert counts.sum() == batch.loss_mask.sum()
     draft = make_draft("eagle3", target, draft_vocab_size=32)
     draft.set_vocab_mapping(*build_vocab_mapping(counts, 32))

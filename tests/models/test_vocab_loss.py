@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepspec.models.eagle3 import build_vocab_mapping, count_tokens
+from deepspec.models.eagle3 import build_vocab_mapping
 from deepspec.models.vocab_loss import VocabLossTerms, masked_mean, position_acceptance, vocab_loss
 
-from .draft_helpers import make_batch, make_draft
+from .draft_helpers import batch_token_counts, make_batch, make_draft
 
 # --------------------------------------------------------------------------------------------------
 # vocab_loss against a plain autograd reference
@@ -254,9 +254,7 @@ def test_draft_loss_equals_its_unchunked_formulation(llama_target, algorithm, ch
             "eagle3", target, ttt_steps=3, **({"draft_vocab_size": 40} if "reduced" in algorithm else {})
         )
         if "reduced" in algorithm:
-            draft.set_vocab_mapping(
-                *build_vocab_mapping(count_tokens(batch.input_ids, batch.loss_mask, target.vocab_size), 40)
-            )
+            draft.set_vocab_mapping(*build_vocab_mapping(batch_token_counts(batch, target.vocab_size), 40))
         ref_loss, ref_acc = eagle3_reference(draft, batch)
     else:
         draft = make_draft(algorithm, target)
