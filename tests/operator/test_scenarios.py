@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from cel_admission import admit
-from operator_harness import NS, SUMMARY, Cluster, creates
+from operator_harness import NS, SUMMARY, Cluster, allowed, creates, operator_permissions, rbac_rules
 
 from deepspec.operator.builders import Run, build_pvc
 from deepspec.operator.kube import KubeApi
@@ -109,6 +109,10 @@ async def op(cluster: Cluster, example: dict[str, Any]) -> Any:
     o = Operator(cluster, example["metadata"]["name"])
     yield o
     await o.api.close()
+    # whatever the scenario made the operator do, both shipped roles allow it
+    used = operator_permissions(cluster.kmock) | {("update", "deepspec.io", "drafttrainings/finalizers")}
+    for rules in (rbac_rules(), rbac_rules({"watchNamespaces": [NS]}, "Role")):
+        assert not sorted(u for u in used if not allowed(rules, *u))
 
 
 async def test_spec_change_mid_run_leaves_no_running_child_of_the_old_run(
@@ -329,6 +333,19 @@ async def test_deleting_the_resource_keeps_the_volume(op: Operator) -> None:
     body["spec"]["storage"] = {"pvc": {"retentionPolicy": "Delete"}}
     owned = build_pvc(Run.from_body(body))
     assert owned["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
+
+
+async def test_larger_volume_expands_the_claim_and_reruns_nothing(op: Operator) -> None:
+    c = op.cluster
+    run = await to_training(op)
+    before = creates(c)
+    await op.spec_patch({"storage": {"pvc": {"size": "800Gi"}}})
+    after = await op.tick()
+    assert after["status"]["run"]["id"] == run.run_id and after["status"]["phase"] == "Training"
+    pvc = await c.api.get("v1", "PersistentVolumeClaim", NS, run.pvc_name)
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "800Gi"
+    assert creates(c) == before  # no second claim, no new run
+    assert any(e["reason"] == "VolumeExpanding" for e in events(c))
 
 
 async def test_fresh_volume_with_relative_paths_runs_to_succeeded(
