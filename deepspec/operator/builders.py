@@ -80,7 +80,8 @@ def stage_ids(spec: DraftTrainingSpec) -> dict[str, str]:
          _user(s.evaluation, "benchmarksDir", "benchmarks", "benchmarksSource")]
     )  # fmt: skip
     ids["regenerate"] = short_hash(
-        ["regenerate", target, _user(s.dataset, "path", "source", "format", "maxSamples"),
+        # dataset.source is not an input: the seed copies it only when the path is missing
+        ["regenerate", target, _user(s.dataset, "path", "format", "maxSamples"),
          _user(s.regeneration, "sampling", "thinking")]
     )  # fmt: skip
     ids["merge"] = ids["regenerate"]

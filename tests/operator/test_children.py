@@ -196,6 +196,11 @@ def test_revision_changes_run_id_and_names() -> None:
     body["spec"]["image"] = "registry.example.com/deepspec:0.2.0"
     body["spec"]["training"]["gpusPerNode"] = 4
     assert Run.from_body(body).run_id == b.run_id  # placement, images and sizes are not part of the run
+    body["spec"]["dataset"]["source"] = "https://example.com/moved/prompts.jsonl"
+    c = Run.from_body(body)
+    assert c.ids["regenerate"] == b.ids["regenerate"] and c.ids["seed"] != b.ids["seed"]
+    body["spec"]["evaluation"]["gate"] = {"minAcceptLength": 2.0}
+    assert Run.from_body(body).ids == c.ids  # the gate is no stage's input
 
 
 @pytest.mark.parametrize("backend", ["pytorchjob", "trainjob"])
