@@ -64,6 +64,11 @@ class LoadedReport:
     def macro(self) -> float:
         return float(self.report["macro"]["tau"])
 
+    def conditional(self) -> list[float | None]:
+        """Pooled conditional acceptance per position; None where no round reached that position."""
+        pooled = self.pooled()
+        return [a / r if r else None for a, r in zip(pooled.accepted_at, pooled.reached, strict=True)]
+
     def pooled(self) -> AcceptanceStats:
         """The counters of every benchmark summed (micro average over benchmarks)."""
         total = AcceptanceStats()
@@ -156,7 +161,10 @@ def tau_table(reports: list[LoadedReport]) -> list[str]:
     for name in names:
         counts = {r.report["benchmarks"][name]["prompts"] for r in cols if name in r.report["benchmarks"]}
         n = str(counts.pop()) if len(counts) == 1 else "differs!"
-        taus = [r.report["benchmarks"].get(name, {}).get("tau") for r in cols]
+        # no verification round = nothing measured (shown as '-', left out of the macro by the report)
+        taus = [
+            b.get("tau") if (b := r.report["benchmarks"].get(name, {})).get("rounds") else None for r in cols
+        ]
         lines.append(f"| {name} | {n} | " + " | ".join(_fmt(t) for t in taus) + " |")
     lines.append("| **macro** | | " + " | ".join(f"**{r.macro:.2f}**" for r in cols) + " |")
     if floor is not None:
@@ -168,7 +176,7 @@ def tau_table(reports: list[LoadedReport]) -> list[str]:
 
 def acceptance_table(reports: list[LoadedReport]) -> list[str]:
     cols = [r for r in _columns(reports)]
-    pooled = {r.label: r.pooled().conditional_acceptance() for r in cols}
+    pooled = {r.label: r.conditional() for r in cols}
     g = max((len(v) for v in pooled.values()), default=0)
     if not g:
         return []
@@ -191,8 +199,10 @@ def plot_acceptance(reports: list[LoadedReport], path: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
     for r in _columns(reports):
-        vals = r.pooled().conditional_acceptance()
-        ax.plot(range(1, len(vals) + 1), vals, marker="o", label=f"{r.label} (tau {r.macro:.2f})")
+        points = [(k, v) for k, v in enumerate(r.conditional(), start=1) if v is not None]
+        ax.plot(
+            [k for k, _ in points], [v for _, v in points], marker="o", label=f"{r.label} (tau {r.macro:.2f})"
+        )
     ax.set(xlabel="draft position k", ylabel="P(accept k | 1..k-1 accepted)", ylim=(0, 1.02))
     ax.set_title(f"conditional acceptance, all benchmarks pooled, T={reports[0].temperature:g}")
     return _finish(plt, fig, [ax], path)
@@ -327,7 +337,14 @@ def goals(by_t: dict[float, list[LoadedReport]]) -> list[str]:
                 ),
                 None,
             )
-            where = f"falls to 1.0x at batch {falls}" if falls else "stays above 1.0x over the swept sizes"
+            first = min(x["batch_size"] for x in best.sweep)
+            where = (
+                "stays above 1.0x over the swept sizes"
+                if falls is None
+                else f"is at or below 1.0x from batch {falls}"
+                if falls == first
+                else f"falls to 1.0x at batch {falls}"
+            )
             out.append(
                 f"- batch-1 speedup of {best.label} >= {GOAL_SPEEDUP}x: {'met' if b1 >= GOAL_SPEEDUP else '**missed**'} "
                 f"({b1:.2f}x; the curve {where})"

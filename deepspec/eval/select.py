@@ -21,6 +21,7 @@ layout, so a ``storage.root`` on S3 works the same way.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from deepspec.eval.checkpoints import (
 )
 from deepspec.eval.evaluator import EvalOptions, EvalSetupError, Evaluator
 from deepspec.layout import LATEST, RunLayout
-from deepspec.storage import join, open_store
+from deepspec.storage import is_s3, join, open_store
 
 HOLDOUT = "holdout"  # the benchmark name the held-out prompts are decoded under
 SELECTION_FILE = "selection.json"
@@ -123,6 +124,13 @@ def logged_losses(layout: RunLayout) -> dict[int, float]:
     return losses
 
 
+def step_path(layout: RunLayout, step: int) -> str:
+    """``step_<N>`` of the run as a path that resolves to itself again (absolute, or an ``s3://`` URI):
+    the evaluator resolves ``--checkpoint`` against ``storage.root``, which a relative root would repeat."""
+    path = layout.checkpoint(step)
+    return path if is_s3(path) else os.path.abspath(path)
+
+
 class HoldoutEvaluator(Evaluator):
     """An :class:`Evaluator` whose prompt set is the held-out slice, and whose draft can be swapped."""
 
@@ -173,7 +181,7 @@ def select_checkpoint(recipe: Recipe, options: EvalOptions) -> Selection:
         f"selecting among {len(steps)} checkpoint(s) of {layout.checkpoints} on {len(prompts)} held-out prompts"
     )
     options.drafter, options.baseline = "checkpoint", False  # accepted length only: no target-alone decode
-    options.checkpoint = layout.checkpoint(steps[0])
+    options.checkpoint = step_path(layout, steps[0])
     evaluator = HoldoutEvaluator(recipe, options, prompts)
     if evaluator.dist.enabled:
         raise SelectionError("--select runs in one process: start it without torchrun")
@@ -181,7 +189,7 @@ def select_checkpoint(recipe: Recipe, options: EvalOptions) -> Selection:
     candidates = []
     for i, step in enumerate(steps):
         if i:
-            evaluator.use_checkpoint(layout.checkpoint(step))
+            evaluator.use_checkpoint(step_path(layout, step))
         candidate = evaluator.measure(step)
         candidate.train_loss = losses.get(step)
         print(f"  step_{step}: accepted length {candidate.accept_length:.3f} (loss {candidate.train_loss})")

@@ -82,3 +82,16 @@ def test_unlike_protocols_are_flagged_and_bad_reports_named(tmp_path):
         build_document([str(tmp_path / "bad.json")], tmp_path / "out")
     with pytest.raises(CompareError, match=r"no report\.json there"):
         build_document([str(tmp_path / "nowhere")], tmp_path / "out")
+
+
+def test_a_benchmark_without_rounds_is_not_averaged_as_zero(tmp_path):
+    """Answers that all stopped before a verification round measure nothing: shown as '-', not in the macro."""
+    measured, empty = _stats([2, 3]), AcceptanceStats(prompts=1)
+    report = build_report({"gsm8k": (measured, None), "aime25": (empty, None)}, algorithm="eagle3", target="t",
+                          target_revision=None, checkpoint=None, protocol={"temperature": 0.0})  # fmt: skip
+    assert report["macro"]["tau"] == measured.tau == 3.5
+    write_report(report, tmp_path / "r")
+    doc = build_document([str(tmp_path / "r")], tmp_path / "docs").read_text()
+    assert "| aime25 | 1 | - |" in doc and "| **macro** | | **3.50** |" in doc
+    # positions no round reached have no conditional acceptance: '-', not 0.00
+    assert "| eagle3 | 1.00 | 1.00 | 0.50 | 0.00 | - | - | - |" in doc

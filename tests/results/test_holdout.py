@@ -7,7 +7,7 @@ import random
 import pytest
 
 from deepspec.config import Recipe, RecipeError, load_recipe
-from deepspec.data.sequences import holdout_count, load_sequences, split_holdout
+from deepspec.data.sequences import holdout_count, load_sequences, load_training_records, split_holdout
 
 
 def _records(n: int) -> list[dict]:
@@ -48,8 +48,21 @@ def test_training_sequences_exclude_the_held_out_records(tiny_dir, tiny_data, tm
     everything = {s.id for s in load_sequences(recipe, tiny_tokenizer())}
     recipe.data.holdout = 4
     trained = {s.id for s in load_sequences(recipe, tiny_tokenizer())}
-    from deepspec.data.sequences import load_training_records
-
     _, held = split_holdout(load_training_records(tiny_data), 4)
     assert len(held) == 4
     assert trained == everything - {r["id"] for r in held}
+
+
+def test_selection_prompts_are_the_held_out_records(tiny_dir, tiny_data, tmp_path):
+    from deepspec.eval.select import SelectionError, held_out_prompts
+    from deepspec.layout import RunLayout
+    from deepspec.testing.tiny import tiny_recipe
+
+    recipe = Recipe.model_validate(tiny_recipe(tiny_dir, tiny_data, str(tmp_path / "out")))
+    with pytest.raises(SelectionError, match=r"data\.holdout is 0: no prompts were held out"):
+        held_out_prompts(recipe, RunLayout.from_recipe(recipe))
+    recipe.data.holdout = 5
+    prompts = held_out_prompts(recipe, RunLayout.from_recipe(recipe), max_prompts=3)
+    _, held = split_holdout(load_training_records(tiny_data), 5)
+    assert [p.turns[0] for p in prompts] == [r["messages"][0]["content"] for r in held][:3]
+    assert [p.index for p in prompts] == [0, 1, 2] and {p.benchmark for p in prompts} == {"holdout"}
