@@ -1,6 +1,7 @@
 """FSDP2 (``fully_shard``) training on CPU with gloo, as torchrun runs it.
 
-* Every draft trains under FSDP2 on 2 processes and resumes bit-exactly after a SIGKILL.
+* Every draft trains under FSDP2 on 2 processes and resumes bit-exactly after a SIGKILL; the
+  per-layer shards of DFlash/DSpark also resume on one process.
 * A checkpoint written by 2 FSDP2 processes resumes on 1 and on 4: the same data position (the real
   token count matches the schedule), the optimizer state resharded by DCP (the continuation stays
   within float-rounding distance of the uninterrupted 2-process run; Eagle3 draws no random numbers,
@@ -39,6 +40,8 @@ def test_fsdp2_resumes_bit_exactly(tmp_path, tiny_dir, tiny_data, algorithm, pre
     train(straight, 2)
     killed = write_recipe(tmp_path, "killed", tiny_dir, tiny_data, algorithm, **_overrides(precision))
     train_and_kill_after(killed, 2, tmp_path / "killed", K)
+    shutil.copytree(tmp_path / "killed", tmp_path / "on1")  # per-layer shards resume on one process
+    train(write_recipe(tmp_path, "on1", tiny_dir, tiny_data, algorithm, **_overrides(precision)), 1)
     train(killed, 2)
     a, b = weights(tmp_path / "straight", N), weights(tmp_path / "killed", N)
     assert a.keys() == b.keys() and a
@@ -50,6 +53,9 @@ def test_fsdp2_resumes_bit_exactly(tmp_path, tiny_dir, tiny_data, algorithm, pre
         "__0_0.distcp",
         "__1_0.distcp",
     ]  # each rank wrote its optimizer shard
+    assert _steps_logged(tmp_path / "on1") == list(range(1, N + 1))
+    cfg = json.loads((tmp_path / "on1" / f"step_{N}" / "config.json").read_text())
+    assert cfg["deepspec_training"]["tokens_seen"] == real_tokens(straight, N)
 
 
 def test_fsdp2_checkpoint_resumes_on_one_and_four_processes(tmp_path, tiny_dir, tiny_data):
