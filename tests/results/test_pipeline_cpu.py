@@ -10,13 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import yaml
 
 from deepspec.cli import main
 from deepspec.data.sequences import load_training_records, split_holdout
-
-pytestmark = pytest.mark.slow
 
 QUESTIONS = [
     "add two and three", "name a colour", "count to four", "say the cat sat", "spell cat",
