@@ -67,7 +67,7 @@ def test_regenerate_train_select_eval_compare(tiny_dir, tmp_path, monkeypatch):
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_1", "step_2", "step_3"]
 
     # 2. select by measured accepted length on the held-out prompts
-    assert main(["eval", *c, "--select", "--no-progress", "--device", "cpu"]) == 0
+    assert main(["eval", *c, "--select", "--batch-size", "2", "--no-progress", "--device", "cpu"]) == 0
     selection = json.loads((ckpts / "selection.json").read_text())
     assert selection["prompts"] == 3 and [x["step"] for x in selection["candidates"]] == [1, 2, 3]
     best = max(selection["candidates"], key=lambda x: (x["accept_length"], x["step"]))
@@ -76,7 +76,22 @@ def test_regenerate_train_select_eval_compare(tiny_dir, tmp_path, monkeypatch):
 
     # 3. evaluate the selected draft and the n-gram floor on the same prompts
     ev = ["--no-progress", "--device", "cpu"]
-    assert main(["eval", *c, "--checkpoint", "eagle3/selected", "--output", "eval-eagle3", *ev]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                *c,
+                "--checkpoint",
+                "eagle3/selected",
+                "--output",
+                "eval-eagle3",
+                "--batch-size",
+                "1,2",
+                *ev,
+            ]
+        )
+        == 0
+    )
     assert main(["eval", *c, "--drafter", "ngram", "--output", "eval-ngram", *ev]) == 0
     draft = json.loads((root / "eval-eagle3" / "report.json").read_text())
     floor = json.loads((root / "eval-ngram" / "report.json").read_text())
@@ -96,5 +111,7 @@ def test_regenerate_train_select_eval_compare(tiny_dir, tmp_path, monkeypatch):
     )
     assert "beats the n-gram floor" in doc and "deepspec run -c recipe.yaml" in doc
     assert f"{selection['selected']} (tau" in doc  # the training table names the selected step
+    assert "### Speedup against batch size, T = 0" in doc and "| eagle3 |" in doc.split("### Speedup")[1]
     assert (out / "results_acceptance_t0.png").stat().st_size > 0
+    assert (out / "results_speedup_t0.png").stat().st_size > 0
     assert (out / "results_training.png").stat().st_size > 0
