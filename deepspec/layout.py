@@ -63,6 +63,10 @@ class RunLayout:
     @classmethod
     def from_recipe(cls, recipe: Any) -> RunLayout:
         root = recipe.storage.root or "."
+        if root != "." and not is_s3(root):
+            # Absolute, so that resolving an already resolved path is a no-op: `deepspec run` hands
+            # resolved paths (e.g. the checkpoint) to stages that resolve their arguments again.
+            root = os.path.abspath(os.path.expanduser(root))
 
         def out(path: str) -> str:
             return resolve(root, path)

@@ -81,3 +81,14 @@ def test_a_target_model_on_s3_is_refused_when_the_recipe_is_validated():
 
     with pytest.raises(RecipeError, match=r"target\.model.*s3:// is not supported"):
         load_recipe(None, ["target.model=s3://models/qwen3"])
+
+
+def test_resolving_a_resolved_path_changes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for root in ("out/run1", ".", "s3://b/p"):
+        layout = RunLayout.from_recipe(load_recipe(None, [f"storage.root={root}"]))
+        for uri in layout.all_outputs().values():
+            assert layout.resolve(uri) == uri, (root, uri)
+        assert layout.resolve(layout.checkpoint()) == layout.checkpoint()
+    layout = RunLayout.from_recipe(load_recipe(None, ["storage.root=out/run1"]))
+    assert layout.checkpoints == str(tmp_path / "out/run1" / "runs/demo/draft")
