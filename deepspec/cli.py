@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 # sub-command -> module implementing it
 COMMANDS: dict[str, str] = {
     "run": "deepspec.pipeline",
-    "serve": "deepspec.serve.cli",
+    "serve": "deepspec.eval.serve_cli",  # plain, or speculative (--draft) on the evaluation engine
     "regenerate": "deepspec.regenerate.cli",
     "features": "deepspec.features.cli",
     "train": "deepspec.train.cli",

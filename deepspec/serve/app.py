@@ -12,6 +12,11 @@ Provenance: ``/v1/models`` lists the served name with ``owned_by`` ``"deepspec"`
 text). ``/metrics`` serves Prometheus counters and gauges (requests, tokens, running and queued
 requests, decode steps).
 
+With a speculative engine (``deepspec serve --draft``, :mod:`deepspec.serve.speculative`) every
+answer carries its speculative counts in vLLM's ``metrics.speculative_decoding`` and, when the
+request sets ``return_spec_tokens_details``, SGLang's ``sglext.spec_tokens_details``
+(:mod:`deepspec.serve.spec_stats`); ``/metrics`` adds the engines' speculative families.
+
 With ``request_log`` set, one JSON line per request is appended: time, the ``X-Deepspec-Record``
 header, HTTP status, prompt and completion tokens, finish reason and latency.
 """
@@ -34,6 +39,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from deepspec.data.template import TemplateError, render_prompt
 from deepspec.serve.engine import Completion, GenerationEngine
 from deepspec.serve.protocol import BadRequest, ChatRequest, parse_chat_request
+from deepspec.serve.spec_stats import response_fields
+from deepspec.serve.speculative import SpeculativeCollector, SpeculativeGenerationEngine
 
 RECORD_HEADER = "x-deepspec-record"
 
@@ -101,7 +108,7 @@ class EngineCollector:
 
 
 def create_app(
-    engine: GenerationEngine,
+    engine: GenerationEngine | SpeculativeGenerationEngine,
     *,
     served_model_name: str,
     revision: str | None = None,
@@ -113,6 +120,8 @@ def create_app(
     reqlog = RequestLog(request_log)
     registry = CollectorRegistry()
     registry.register(EngineCollector(engine, served_model_name))
+    if isinstance(engine, SpeculativeGenerationEngine):
+        registry.register(SpeculativeCollector(engine, served_model_name))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -167,6 +176,7 @@ def create_app(
         if wanted is None:
             raise BadRequest("max_tokens is required (the model context length is unknown)", "max_tokens")
         req.params.max_tokens = min(wanted, room) if room is not None else wanted
+        engine.check_params(req.params)
         return req, prompt
 
     @app.post("/v1/chat/completions")
@@ -210,6 +220,7 @@ def create_app(
                 }
             ],
             "usage": _usage(result),
+            **response_fields(result.spec, req.return_spec_tokens_details),
         }
 
     def _usage(result: Completion) -> dict[str, int]:
@@ -254,6 +265,8 @@ def create_app(
             }
             if with_usage:
                 body["usage"] = _usage(done.result())
+            if finish is not None:  # the last chunk of the answer carries its speculative counts
+                body.update(response_fields(done.result().spec, req.return_spec_tokens_details))
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         async def gen() -> AsyncIterator[str]:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from deepspec.cli_args import add_recipe_arguments
+
+if TYPE_CHECKING:
+    from deepspec.config import TargetConfig
 
 HELP = "serve the target model with an OpenAI-compatible API (/v1/chat/completions, /v1/models, /health)"
 DESCRIPTION = (
@@ -44,20 +48,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", help="uvicorn log level")
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
-    import uvicorn
-
+def target_from_args(args: argparse.Namespace) -> TargetConfig:
+    """The recipe's target with the command line's --model, --dtype and --revision applied."""
     from deepspec.config import load_recipe
-    from deepspec.serve.embedded import build_app
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     target = load_recipe(args.config, args.overrides).target
     updates = {
         k: v for k, v in (("model", args.model), ("dtype", args.dtype), ("revision", args.revision)) if v
     }
-    target = target.model_copy(update=updates)
+    return target.model_copy(update=updates)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    import uvicorn
+
+    from deepspec.serve.embedded import build_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    target = target_from_args(args)
     app = build_app(
         target,
         device=args.device,

@@ -41,6 +41,7 @@ from deepspec.decode.core import DecodeCore
 from deepspec.decode.sampling import filtered_probs, inverse_cdf
 from deepspec.devices import pick_device
 from deepspec.serve.sampling import SamplingParams
+from deepspec.serve.spec_stats import SpecStats
 from deepspec.target_model.model import TargetModel
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,34 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int] = field(default_factory=list)
+    spec: SpecStats | None = None  # speculative counts (speculative serving only)
+
+
+def finish_completion(
+    tokenizer: Any,
+    eos_ids: list[int],
+    tokens: list[int],
+    p: SamplingParams,
+    prompt_len: int,
+    stopped_at: int | None = None,
+) -> Completion:
+    """The completion of generated ``tokens``: cut at ``max_tokens``, end-of-sequence and stop strings."""
+    tokens = tokens[: p.max_tokens]
+    if stopped_at is not None:
+        tokens = tokens[:stopped_at]
+    eos_at = next((k for k, t in enumerate(tokens) if t in eos_ids), None)
+    if eos_at is not None:
+        tokens = tokens[: eos_at + 1]
+    content = tokens[:eos_at] if eos_at is not None else tokens
+    text = tokenizer.decode(content, skip_special_tokens=True)
+    cut = [text.find(s) for s in p.stop if s in text]
+    if cut:
+        text, reason = text[: min(cut)], "stop"
+    elif eos_at is not None or stopped_at is not None:
+        reason = "stop"
+    else:
+        reason = "length"  # max_tokens (or the context) reached
+    return Completion(text, reason, prompt_len, len(tokens), tokens)
 
 
 @dataclass
@@ -101,8 +130,45 @@ def batch_bucket(rows: int, limit: int) -> int:
     return min(size, limit)
 
 
-class GenerationEngine:
+class QueueWorker:
+    """A worker thread fed by a queue of jobs (each with a ``future``); ``None`` is the stop sentinel."""
+
+    thread_name = "deepspec-worker"
+    _queue: queue.Queue[Any]
+    _thread: threading.Thread | None
+
+    def _worker(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._worker, name=self.thread_name, daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float | None = 60.0) -> None:
+        """Finish the requests being decoded, fail what is still queued, and end the worker."""
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self._thread = None
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None and not job.future.done():
+                job.future.set_exception(RuntimeError("server is shutting down"))
+
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+
+class GenerationEngine(QueueWorker):
     """A causal LM + tokenizer and the worker thread that serves requests by continuous batching."""
+
+    thread_name = "deepspec-generate"
 
     def __init__(
         self,
@@ -164,26 +230,6 @@ class GenerationEngine:
     # lifecycle
     # ---------------------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._worker, name="deepspec-generate", daemon=True)
-            self._thread.start()
-
-    def stop(self, timeout: float | None = 60.0) -> None:
-        """Finish the running requests, fail what is still queued, and end the worker."""
-        if self._thread is None:
-            return
-        self._queue.put(None)
-        self._thread.join(timeout)
-        self._thread = None
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None and not job.future.done():
-                job.future.set_exception(RuntimeError("server is shutting down"))
-
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, on_text: TextListener | None = None
     ) -> Future:
@@ -200,10 +246,6 @@ class GenerationEngine:
     def room_for(self, prompt_len: int) -> int | None:
         """New tokens that still fit in one cache slot after this prompt."""
         return self.max_context - prompt_len
-
-    @property
-    def queued(self) -> int:
-        return self._queue.qsize()
 
     # ---------------------------------------------------------------------------------------------
     # the decoding loop
@@ -398,19 +440,7 @@ class GenerationEngine:
     def _finish(
         self, tokens: list[int], p: SamplingParams, prompt_len: int, stopped_at: int | None
     ) -> Completion:
-        tokens = tokens[: p.max_tokens]
-        if stopped_at is not None:
-            tokens = tokens[:stopped_at]
-        eos_at = next((k for k, t in enumerate(tokens) if t in self.eos_ids), None)
-        if eos_at is not None:
-            tokens = tokens[: eos_at + 1]
-        content = tokens[:eos_at] if eos_at is not None else tokens
-        text = self.tokenizer.decode(content, skip_special_tokens=True)
-        cut = [text.find(s) for s in p.stop if s in text]
-        if cut:
-            text, reason = text[: min(cut)], "stop"
-        elif eos_at is not None or stopped_at is not None:
-            reason = "stop"
-        else:
-            reason = "length"  # max_tokens (or the context) reached
-        return Completion(text, reason, prompt_len, len(tokens), tokens)
+        return finish_completion(self.tokenizer, self.eos_ids, tokens, p, prompt_len, stopped_at)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """Every sampling parameter is supported (the speculative engine refuses some)."""

@@ -38,6 +38,7 @@ class ChatRequest:
     tools: list[dict[str, Any]] | None = None
     stream: bool = False
     include_usage: bool = False
+    return_spec_tokens_details: bool = False  # SGLang's extension: sglext.spec_tokens_details
 
 
 def _number(body: dict[str, Any], key: str, lo: float, hi: float, default: float) -> float:
@@ -176,4 +177,5 @@ def parse_chat_request(body: Any, served_names: tuple[str, ...]) -> ChatRequest:
         tools=tools,
         stream=stream,
         include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
+        return_spec_tokens_details=bool(body.get("return_spec_tokens_details", False)),
     )
