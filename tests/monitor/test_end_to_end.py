@@ -5,7 +5,8 @@ an Eagle3 draft is trained briefly on them, and then:
 
 1. ``deepspec eval``'s Evaluator measures the accepted length offline on a seeded canary prompt set;
 2. the speculative server (:func:`deepspec.eval.serving.build_speculative_app`, what
-   ``deepspec serve --draft`` runs) serves the pair; ``deepspec monitor``'s canary reads the
+   ``deepspec serve --draft`` runs) serves the pair; ``deepspec monitor``'s canary (the command with
+   ``--once``, and its Monitor with an injected clock) reads the
    per-request statistics in vLLM's and SGLang's shapes, and its scrape mode reads the server's
    ``/metrics`` in vLLM's names: both give a live accepted length within ``TOLERANCE`` of the
    offline one (the same prompts, greedy, the same engine: the measured difference is 0);
@@ -127,6 +128,21 @@ def _offline(recipe, draft: str) -> float:
     return results["canary"][0].tau
 
 
+def _monitor_cli_once(base_url: str, prompts: Path, seed: int, baseline: float, capsys) -> dict:
+    """``deepspec monitor --mode canary --once`` against the server: its decision as JSON."""
+    from deepspec.cli import main
+
+    capsys.readouterr()
+    rc = main([
+        "monitor", "--engine", "vllm", "--mode", "canary", "--base-url", base_url, "--prompts", str(prompts),
+        "--num-prompts", str(PROMPTS), "--seed", str(seed), "--max-tokens", str(MAX_TOKENS),
+        "--served-model", "tiny", "--baseline", str(baseline), "--min-verify-steps", "20", "--once",
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def _accept_length(sample) -> float:
     return 1.0 + sample.accepted_tokens / sample.verify_steps
 
@@ -163,7 +179,7 @@ def _serve_cli(draft: str, model: str, port: int, log: Path) -> subprocess.Popen
         time.sleep(0.2)
 
 
-def test_live_acceptance_follows_offline_and_drifts_after_a_target_update(pair, tmp_path):
+def test_live_acceptance_follows_offline_and_drifts_after_a_target_update(pair, tmp_path, capsys):
     from deepspec.eval.serving import build_speculative_app
     from deepspec.monitor.canary import CanaryRunner, load_canary_prompts
     from deepspec.monitor.drift import Baseline, DriftPolicy, DriftState
@@ -193,6 +209,7 @@ def test_live_acceptance_follows_offline_and_drifts_after_a_target_update(pair, 
         status = monitor.tick()
         scraped = scraper.collect().sample  # the canary's requests, from vLLM's counters
         sglang = CanaryRunner("sglang", f"{url}/v1", prompts, model="tiny", max_tokens=MAX_TOKENS).collect()
+        once = _monitor_cli_once(f"{url}/v1", prompt_file, recipe.evaluation.shuffle_seed, offline, capsys)
 
     live = monitor.stats.accept_length
     from_metrics, from_sglext = _accept_length(scraped), _accept_length(sglang.sample)
@@ -204,6 +221,7 @@ def test_live_acceptance_follows_offline_and_drifts_after_a_target_update(pair, 
     assert abs(from_metrics - offline) <= TOLERANCE
     assert abs(from_sglext - offline) <= TOLERANCE  # SGLang's sglext.spec_tokens_details shape
     assert monitor.stats.verify_steps == scraped.verify_steps == sglang.sample.verify_steps
+    assert once["state"] == "ok" and abs(once["observed"] - offline) <= TOLERANCE  # `deepspec monitor`
     assert len(monitor.stats.position_acceptance) == NUM_PROPOSALS
 
     # a target update: the perturbed weights under another revision, the same draft, the same port

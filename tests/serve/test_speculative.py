@@ -110,6 +110,17 @@ def test_seeded_sampling_is_reproducible_whatever_shares_the_batch(servers):
     assert crowd[0] == alone
 
 
+def test_streamed_answer_ends_with_its_statistics(servers):
+    spec_url, _ = servers
+    whole = _ask(spec_url, QUESTIONS[2], max_tokens=24, temperature=0.0)
+    chunks = [c.to_dict() for c in _ask(spec_url, QUESTIONS[2], max_tokens=24, temperature=0.0, stream=True)]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == whole.choices[0].message.content
+    last = [c for c in chunks if c.get("metrics")]
+    assert len(last) == 1 and last[0]["choices"][0]["finish_reason"] is not None
+    assert last[0]["metrics"] == whole.to_dict()["metrics"]
+
+
 def test_unsupported_sampling_is_a_clear_400(servers):
     spec_url, _ = servers
     with pytest.raises(openai.BadRequestError, match="top_p"):
