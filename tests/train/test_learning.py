@@ -17,11 +17,13 @@ pytestmark = pytest.mark.integration
 
 # Measured run (2 CPUs, 2026-11-22, the recipe in tests/conftest.py; first 5 steps -> last 5 of 40):
 #   eagle3  loss 32.860 -> 7.112 (-78%)  tau 1.101 -> 1.505 (+0.404)
-#   dflash  loss 21.257 -> 5.000 (-76%)  tau 1.019 -> 1.113 (+0.094)
 #   dspark  loss  4.067 -> 2.450 (-40%)  tau 1.019 -> 1.239 (+0.220)
+# DFlash re-measured 2026-12-02 after moving to the engines' slot convention (mask slot j predicts the
+# token at anchor+j; block_size 4 = anchor + 3 mask slots, so 3 predictions per block instead of 4):
+#   dflash  loss 24.674 -> 5.146 (-79%)  tau 1.020 -> 1.066 (+0.046)   (before: 21.257 -> 5.000, +0.094)
 # Thresholds keep about half of each measured change as margin (the run is seeded and deterministic).
 MIN_LOSS_DROP = {"eagle3": 0.5, "dflash": 0.5, "dspark": 0.2}  # final <= (1 - drop) * first
-MIN_TAU_GAIN = {"eagle3": 0.2, "dflash": 0.045, "dspark": 0.1}  # final >= first + gain
+MIN_TAU_GAIN = {"eagle3": 0.2, "dflash": 0.023, "dspark": 0.1}  # final >= first + gain
 
 
 def _window(rows: list[dict], key: str, first: bool) -> float:
