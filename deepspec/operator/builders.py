@@ -25,6 +25,7 @@ Conventions for every child:
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -70,10 +71,16 @@ def _user(model: Any, *fields: str) -> dict[str, Any]:
     return model.model_dump(mode="json", include=set(fields) or None, exclude_defaults=True)
 
 
-def stage_ids(spec: DraftTrainingSpec) -> dict[str, str]:
-    """Id of each stage: its upstream ids + its own user inputs (see the module docstring)."""
+def stage_ids(spec: DraftTrainingSpec, nonce: str | None = None) -> dict[str, str]:
+    """Id of each stage: its upstream ids + its own user inputs (see the module docstring).
+
+    ``nonce`` (``status.retrainNonce``, set by a drift-triggered retrain) counts as a target input:
+    the target changed behind an unchanged revision, so everything from regeneration on runs again.
+    """
     s = spec
     target = _user(s.target, "model", "revision", "dtype", "trustRemoteCode")
+    if nonce:
+        target["retrainNonce"] = nonce
     ids: dict[str, str] = {}
     ids["seed"] = short_hash(
         ["seed", _user(s.dataset, "path", "source"),
@@ -99,9 +106,9 @@ def stage_ids(spec: DraftTrainingSpec) -> dict[str, str]:
     return ids
 
 
-def run_id_of(spec: DraftTrainingSpec) -> str:
+def run_id_of(spec: DraftTrainingSpec, nonce: str | None = None) -> str:
     """The run id: all stage ids together (a new id in any stage = a new run)."""
-    ids = stage_ids(spec)
+    ids = stage_ids(spec, nonce)
     return short_hash([ids[k] for k in STAGES])
 
 
@@ -138,7 +145,7 @@ class Run:
     def stage_id(self, stage: str) -> str:
         """The id of a stage; the server and the eval-summary reader share their stage's id, the
         prune Job is the whole run's."""
-        if stage == "prune":
+        if stage in ("prune", "publish"):
             return self.run_id
         return self.ids[{"server": "regenerate", "summary": "evaluate"}.get(stage, stage)]
 
@@ -213,7 +220,7 @@ class Run:
             "app.kubernetes.io/managed-by": MANAGED_BY,
             "deepspec.io/run": self.run_id,
         }
-        if component in (*STAGES, "server", "summary", "prune"):
+        if component in (*STAGES, "server", "summary", "prune", "publish") or component in self.ids:
             out["deepspec.io/stage-id"] = self.stage_id(component)
         return out
 
@@ -501,7 +508,12 @@ def _pod_template(
 
 def _job(run: Run, stage: str, template: dict[str, Any], **spec: Any) -> dict[str, Any]:
     name = run.child_name(stage)
-    deadline_stage = {"summary": "evaluate", "prune": "export"}.get(stage, stage)
+    deadline_stage = {
+        "summary": "evaluate",
+        "reeval": "evaluate",
+        "prune": "export",
+        "publish": "export",
+    }.get(stage, stage)
     return _drop_none(
         {
             "apiVersion": "batch/v1",
@@ -614,19 +626,40 @@ def build_server_deployment(run: Run, replicas: int = 1) -> dict[str, Any]:
     }
 
 
-def build_server_service(run: Run) -> dict[str, Any]:
-    labels = run.labels("server")
+def _service(
+    run: Run, component: str, name: str, keys: tuple[str, ...], port_name: str, port: int
+) -> dict[str, Any]:
+    """A ClusterIP Service selecting ``component``'s pods by ``keys`` of their labels."""
+    labels = run.labels(component)
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": run.metadata(server_name(run), "server"),
+        "metadata": run.metadata(name, component),
         "spec": {
-            "selector": {k: labels[k] for k in SERVER_SELECTOR_KEYS},
-            "ports": [
-                {"name": "http", "port": run.spec.target.port, "targetPort": "http", "protocol": "TCP"}
-            ],
+            "selector": {k: labels[k] for k in keys},
+            "ports": [{"name": port_name, "port": port, "targetPort": port_name, "protocol": "TCP"}],
         },
     }
+
+
+def _pod_monitor(
+    run: Run, component: str, name: str, keys: tuple[str, ...], port_name: str, **endpoint: Any
+) -> dict[str, Any]:
+    """A PodMonitor scraping ``/metrics`` of ``component``'s pods every 30 s."""
+    labels = run.labels(component)
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": run.metadata(name, component),
+        "spec": {
+            "selector": {"matchLabels": {k: labels[k] for k in keys}},
+            "podMetricsEndpoints": [{"port": port_name, "path": "/metrics", "interval": "30s", **endpoint}],
+        },
+    }
+
+
+def build_server_service(run: Run) -> dict[str, Any]:
+    return _service(run, "server", server_name(run), SERVER_SELECTOR_KEYS, "http", run.spec.target.port)
 
 
 def build_pod_monitor(run: Run) -> dict[str, Any]:
@@ -635,25 +668,10 @@ def build_pod_monitor(run: Run) -> dict[str, Any]:
     This server decodes without a draft: its ``sglang:spec_*`` series (``spec_accept_length 0``) say
     nothing about a draft and would feed the live accepted-length alerts, so they are dropped here.
     """
-    labels = run.labels("server")
-    return {
-        "apiVersion": "monitoring.coreos.com/v1",
-        "kind": "PodMonitor",
-        "metadata": run.metadata(server_name(run), "server"),
-        "spec": {
-            "selector": {"matchLabels": {k: labels[k] for k in SERVER_SELECTOR_KEYS}},
-            "podMetricsEndpoints": [
-                {
-                    "port": "http",
-                    "path": "/metrics",
-                    "interval": "30s",
-                    "metricRelabelings": [
-                        {"sourceLabels": ["__name__"], "regex": "sglang:spec_.*", "action": "drop"}
-                    ],
-                }
-            ],
-        },
-    }
+    return _pod_monitor(
+        run, "server", server_name(run), SERVER_SELECTOR_KEYS, "http",
+        metricRelabelings=[{"sourceLabels": ["__name__"], "regex": "sglang:spec_.*", "action": "drop"}],
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -895,5 +913,206 @@ def build_all(run: Run, podmonitor: bool = True) -> list[dict[str, Any]]:
         build_training(run),
         build_evaluate_job(run),
         build_export_job(run) if run.spec.export.enabled else None,
+        build_publish_job(run, run.layout().export_dir, {"run": run.run_id}) if run.spec.publish else None,
+        # the serving side, once a draft serves (shown here for the run's own draft)
+        build_monitor_deployment(run, run.run_id, None) if run.spec.monitoring else None,
+        build_monitor_service(run) if run.spec.monitoring else None,
+        build_monitor_pod_monitor(run) if run.spec.monitoring and podmonitor else None,
     ]
     return [_drop_none(o) for o in objs if o is not None]
+
+
+# --------------------------------------------------------------------------------------------------
+# The serving side: re-evaluation of the serving draft, publication, the live monitor
+# --------------------------------------------------------------------------------------------------
+
+
+def reeval_id(spec: DraftTrainingSpec, checkpoint: str, nonce: str | None = None) -> str:
+    """Id of the serving draft's re-evaluation: its checkpoint on this target, with these benchmarks."""
+    target = _user(spec.target, "model", "revision", "dtype", "trustRemoteCode")
+    return short_hash(["reeval", checkpoint, target, nonce or "",
+                       _user(spec.evaluation, "benchmarksDir", "benchmarks", "caps", "maxPrompts",
+                             "numProposals", "temperature", "thinking")])  # fmt: skip
+
+
+def reeval_dir(run: Run) -> str:
+    return f"{run.storage_uri}/reeval-{run.stage_id('reeval')}"
+
+
+def build_reeval_job(run: Run, checkpoint: str) -> dict[str, Any]:
+    """The serving draft evaluated on the *current* target (the candidate's), with the candidate's
+    benchmarks: the fair comparison for promotion after a target update."""
+    e = run.spec.evaluation
+    cmd = [
+        "deepspec", "eval", "-c", RECIPE_PATH,
+        "--checkpoint", checkpoint,
+        "--output", reeval_dir(run),
+        "--termination-log", TERMINATION_LOG,
+    ]  # fmt: skip
+    c = _container(run, "reeval", cmd, e.gpus, e.resources)
+    return _job(run, "reeval", _pod_template(run, "reeval", [c]))
+
+
+def publish_dest(run: Run) -> str:
+    """Where promoted drafts are published (``spec.publish.path``, default ``<run root>/published``)."""
+    p = run.spec.publish
+    if p is None or not p.path:
+        return f"{run.storage_uri}/published"
+    return run.resolve(p.path)
+
+
+def publish_version(run: Run) -> str:
+    return f"{run.name[:40]}-{run.run_id}"
+
+
+def published_uri(run: Run) -> str:
+    """The immutable version folder (what a serving resource points at: a new path rolls it out)."""
+    return f"{publish_dest(run)}/versions/{publish_version(run)}"
+
+
+def build_publish_job(run: Run, export_dir: str, metadata: dict[str, Any]) -> dict[str, Any]:
+    """``deepspec operator publish``: copy the export to ``versions/<version>/`` + the ``current`` pointer."""
+    cmd = [
+        "deepspec", "operator", "publish", export_dir, publish_dest(run),
+        "--version", publish_version(run),
+        "--metadata", json.dumps(metadata, sort_keys=True),
+    ]  # fmt: skip
+    if run.spec.storage.s3 is not None and run.spec.storage.s3.endpointUrl:
+        cmd += ["--endpoint-url", run.spec.storage.s3.endpointUrl]
+    c = _container(run, "publish", cmd, 0, {})
+    return _job(run, "publish", _pod_template(run, "publish", [c]), backoffLimit=1)
+
+
+def serving_patch(ref: Any, live: dict[str, Any], draft_path: str) -> dict[str, Any] | None:
+    """The JSON merge patch pointing ``live`` (the serving resource) at ``draft_path``; None when it
+    already does. A Deployment's container gets ``<argument> <path>`` (replacing ``<argument> X`` or
+    ``<argument>=X``); other kinds get the string at ``fieldPath``."""
+    if ref.kind == "Deployment":
+        containers = copy.deepcopy(
+            live.get("spec", {}).get("template", {}).get("spec", {}).get("containers") or []
+        )
+        if not containers:
+            raise ValueError(f"Deployment {ref.name} has no containers")
+        names = [c.get("name") for c in containers]
+        if ref.container and ref.container not in names:
+            raise ValueError(
+                f"Deployment {ref.name} has no container {ref.container!r} (containers: {names})"
+            )
+        c = containers[names.index(ref.container) if ref.container else 0]
+        key = "args" if "args" in c or "command" not in c else "command"
+        words = list(c.get(key) or [])
+        new = _set_flag(words, ref.argument, draft_path)
+        if new == words:
+            return None
+        c[key] = new
+        return {"spec": {"template": {"spec": {"containers": containers}}}}
+    parts = ref.fieldPath.split(".")
+    node: Any = live
+    for part in parts:
+        node = node.get(part) if isinstance(node, dict) else None
+    if node == draft_path:
+        return None
+    patch: dict[str, Any] = {}
+    cur = patch
+    for part in parts[:-1]:
+        cur = cur.setdefault(part, {})
+    cur[parts[-1]] = draft_path
+    return patch
+
+
+def _set_flag(words: list[str], flag: str, value: str) -> list[str]:
+    out = list(words)
+    for i, w in enumerate(out):
+        if w == flag and i + 1 < len(out):
+            out[i + 1] = value
+            return out
+        if w.startswith(flag + "="):
+            out[i] = f"{flag}={value}"
+            return out
+    return [*out, flag, value]
+
+
+def monitor_name(run: Run) -> str:
+    return f"{run.name[:44].rstrip('-')}-monitor"
+
+
+def monitor_url(run: Run) -> str:
+    assert run.spec.monitoring is not None
+    return f"http://{monitor_name(run)}.{run.namespace}.svc:{run.spec.monitoring.port}/metrics"
+
+
+def monitor_args(run: Run, draft_version: str, baseline: float | None) -> list[str]:
+    """``deepspec monitor`` arguments for the serving draft ``draft_version`` and its baseline."""
+    m = run.spec.monitoring
+    assert m is not None
+    cmd = ["deepspec", "monitor", "--engine", m.engine, "--mode", m.mode]
+    if m.mode == "scrape":
+        for url in m.metricsUrls:
+            cmd += ["--metrics-url", url]
+        cmd += ["--scrape-every", f"{m.intervalSeconds}s"]
+    else:
+        prompts = (
+            m.prompts or f"{run.spec.evaluation.benchmarksDir}/{run.spec.evaluation.benchmarks[0]}.jsonl"
+        )
+        cmd += ["--base-url", m.baseUrl or "", "--prompts", run.resolve(prompts),
+                "--num-prompts", str(m.numPrompts), "--canary-every", f"{m.intervalSeconds}s"]  # fmt: skip
+    cmd += ["--served-model", m.servedModel or run.served_model_name, "--draft-version", draft_version]
+    if baseline is not None:
+        cmd += ["--baseline", f"{baseline:g}"]
+    cmd += [
+        "--tolerance", f"{m.tolerance:g}", "--duration", f"{m.durationSeconds}s",
+        "--window", f"{m.windowSeconds}s", "--min-verify-steps", f"{m.minVerifySteps:g}",
+        "--listen", f"0.0.0.0:{m.port}",
+    ]  # fmt: skip
+    return cmd
+
+
+MONITOR_SELECTOR_KEYS = ("app.kubernetes.io/instance", "app.kubernetes.io/component")
+
+
+def build_monitor_deployment(run: Run, draft_version: str, baseline: float | None) -> dict[str, Any]:
+    """One ``deepspec monitor`` pod (CPU only) watching the serving stack; canary mode reads its
+    prompts from the run volume."""
+    m = run.spec.monitoring
+    assert m is not None
+    labels = run.labels("monitor")
+    c = _container(run, "monitor", monitor_args(run, draft_version, baseline), 0, m.resources)
+    c["ports"] = [{"name": "metrics", "containerPort": m.port, "protocol": "TCP"}]
+    c["readinessProbe"] = {"httpGet": {"path": "/metrics", "port": "metrics"}, "periodSeconds": 30}
+    template = _pod_template(run, "monitor", [c], restart="Always")
+    # none of the Jobs' volumes (recipe, /dev/shm, scratch); the run volume read-only in canary mode
+    # (its prompts), none in scrape mode: a ReadWriteOnce claim stays free for the Jobs
+    ours = {"recipe", "dshm", "cache"} | ({"data"} if m.mode == "scrape" else set())
+    template["spec"]["volumes"] = [v for v in template["spec"].get("volumes", []) if v["name"] not in ours]
+    c["volumeMounts"] = [
+        {**vm, "readOnly": True} if vm["name"] == "data" else vm
+        for vm in c.get("volumeMounts", [])
+        if vm["name"] not in ours
+    ]
+    if m.mode == "scrape":
+        c.pop("workingDir", None)
+    template["metadata"]["labels"] = {**template["metadata"].get("labels", {}),
+                                      **{k: labels[k] for k in MONITOR_SELECTOR_KEYS}}  # fmt: skip
+    return _drop_none({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": run.metadata(monitor_name(run), "monitor"),
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {k: labels[k] for k in MONITOR_SELECTOR_KEYS}},
+            "template": template,
+        },
+    })  # fmt: skip
+
+
+def build_monitor_service(run: Run) -> dict[str, Any]:
+    """The operator reads the monitor's decision through this Service (``monitor_url``)."""
+    assert run.spec.monitoring is not None
+    m = run.spec.monitoring
+    return _service(run, "monitor", monitor_name(run), MONITOR_SELECTOR_KEYS, "metrics", m.port)
+
+
+def build_monitor_pod_monitor(run: Run) -> dict[str, Any]:
+    """Prometheus scrapes the monitor's ``deepspec_monitor_*`` gauges (the live alerts' input)."""
+    return _pod_monitor(run, "monitor", monitor_name(run), MONITOR_SELECTOR_KEYS, "metrics")

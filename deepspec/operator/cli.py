@@ -30,7 +30,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="kopf peering name: several replicas, one active (leader election; needs kopf's peering CRDs)",
     )
     crd = sub.add_parser("crd", help="print the generated CRD YAML")
-    crd.add_argument("--write", action="store_true", help="write manifests/crd.yaml and the chart's copy")
+    crd.add_argument(
+        "--write",
+        action="store_true",
+        help="write manifests/crd.yaml and the chart's copies (CRD, monitor alerts and dashboard)",
+    )
     render = sub.add_parser("render", help="print the child objects of a DraftTraining")
     render.add_argument("file", help="DraftTraining YAML")
     render.add_argument(
@@ -49,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     prune.add_argument("root", help="the resource's artefact root (/data/<name> or s3://...)")
     prune.add_argument("--keep", required=True, help="comma-separated <stage>-<id> folders to keep")
     prune.add_argument("--endpoint-url", help="S3 endpoint")
+    publish = sub.add_parser(
+        "publish", help="(publish Job) publish an exported draft: versions/<version>/ + the current pointer"
+    )
+    publish.add_argument("export_dir", help="the `deepspec export` folder (local or s3://)")
+    publish.add_argument("dest", help="publication root (a folder on the volume or s3://bucket/prefix)")
+    publish.add_argument("--version", required=True, help="immutable version name (the run)")
+    publish.add_argument("--metadata", default="{}", help="JSON object stored in current.json")
+    publish.add_argument("--endpoint-url", help="S3 endpoint")
     summary = sub.add_parser("read-summary", help="(summary Job) print an evaluation's summary.json")
     summary.add_argument("uri", help="summary.json path or s3:// URI")
     summary.add_argument("--termination-log", help="also write it to this file")
@@ -79,12 +91,43 @@ def _render(path: str, backend: str | None) -> int:
     return 0
 
 
+def _publish(args: argparse.Namespace) -> int:
+    import json
+
+    from deepspec.layout import split_s3
+    from deepspec.monitor.publish import PublishError, publish_draft
+    from deepspec.storage import S3Store, is_s3
+
+    try:
+        metadata = json.loads(args.metadata)
+        if not isinstance(metadata, dict):
+            raise ValueError("--metadata must be a JSON object")
+        src = Path(args.export_dir)
+        if is_s3(args.export_dir):  # a local copy of the exported folder
+            import tempfile
+
+            store = S3Store(args.export_dir, args.endpoint_url)
+            src = Path(tempfile.mkdtemp(prefix="deepspec-publish-")) / split_s3(args.export_dir)[1]
+            for name in store.list():
+                (src / name).parent.mkdir(parents=True, exist_ok=True)
+                store.client.download_file(store.bucket, store.key(name), str(src / name))
+        pub = publish_draft(src, args.dest, args.version, metadata, endpoint_url=args.endpoint_url)
+    except (OSError, ValueError, PublishError) as e:
+        print(f"error: cannot publish {args.export_dir} to {args.dest}: {e}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            Path("/dev/termination-log").write_text(str(e)[:4000], encoding="utf-8")
+        return 2
+    state = "already published" if pub.already_published else f"published {pub.files} file(s)"
+    print(f"{state}: {pub.uri}; current -> {pub.version}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if args.action == "crd":
-        from deepspec.operator.crd import crd_yaml, write_crd
+        from deepspec.operator.crd import crd_yaml, write_chart_monitoring, write_crd
 
         if args.write:
-            for p in write_crd():
+            for p in [*write_crd(), *write_chart_monitoring()]:
                 print(f"wrote {p}")
         else:
             print(crd_yaml(), end="")
@@ -116,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0
+    if args.action == "publish":
+        return _publish(args)
     if args.action == "read-summary":
         from deepspec.operator.seed import read_summary
 

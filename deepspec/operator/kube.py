@@ -38,19 +38,31 @@ from kubernetes_asyncio.config.incluster_config import (
 SERVICE_ACCOUNT_DIR_ENV = "DEEPSPEC_SERVICE_ACCOUNT_DIR"
 USER_AGENT = "deepspec-operator"
 
-PLURALS: dict[str, str] = {
-    "PersistentVolumeClaim": "persistentvolumeclaims",
-    "ConfigMap": "configmaps",
-    "Service": "services",
-    "Pod": "pods",
-    "Event": "events",
-    "Deployment": "deployments",
-    "Job": "jobs",
-    "PyTorchJob": "pytorchjobs",
-    "TrainJob": "trainjobs",
-    "PodMonitor": "podmonitors",
-    "DraftTraining": "drafttrainings",
-}
+
+class _Plurals(dict[str, str]):
+    """Kind -> resource name; kinds not listed (a serving resource named in spec.publish.servingRef)
+    take the Kubernetes convention of the lower-case kind + "s" (``LLMInferenceService`` ->
+    ``llminferenceservices``), which every CRD of the serving stacks follows."""
+
+    def __missing__(self, kind: str) -> str:
+        return kind.lower() + "s"
+
+
+PLURALS: dict[str, str] = _Plurals(
+    {
+        "PersistentVolumeClaim": "persistentvolumeclaims",
+        "ConfigMap": "configmaps",
+        "Service": "services",
+        "Pod": "pods",
+        "Event": "events",
+        "Deployment": "deployments",
+        "Job": "jobs",
+        "PyTorchJob": "pytorchjobs",
+        "TrainJob": "trainjobs",
+        "PodMonitor": "podmonitors",
+        "DraftTraining": "drafttrainings",
+    }
+)
 
 
 class KubeError(RuntimeError):

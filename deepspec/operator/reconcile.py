@@ -39,13 +39,19 @@ from typing import Any
 from pydantic import ValidationError
 
 from deepspec.eval.summary import EvalSummary, gate_decision
+from deepspec.monitor.lifecycle import promotion_decision, should_retrain
 from deepspec.operator import builders as b
 from deepspec.operator.kube import KubeApi, KubeError
+from deepspec.operator.live import MetricsReader, http_metrics, parse_monitor_metrics
 from deepspec.operator.spec import (
+    RETRAIN_ANNOTATION,
     RETRY_ANNOTATION,
     Condition,
     DraftTrainingSpec,
     DraftTrainingStatus,
+    Drift,
+    Promotion,
+    Publication,
     Results,
     RunStatus,
     Serving,
@@ -63,8 +69,10 @@ STAGE_CONDITIONS = {
     "train": "Trained",
     "evaluate": "Evaluated",
     "summary": "Evaluated",
+    "reeval": "ServingReevaluated",
     "gate": "GatePassed",
     "export": "Exported",
+    "publish": "Published",
 }
 STAGE_PHASES = {
     "seed": "Seeding",
@@ -74,7 +82,9 @@ STAGE_PHASES = {
     "train": "Training",
     "evaluate": "Evaluating",
     "summary": "Evaluating",
+    "reeval": "Evaluating",
     "export": "Exporting",
+    "publish": "Publishing",
 }
 KEPT_CONDITIONS = ("Ready", "Reconciling", "Stalled", "Serving", "Suspended")
 #: (apiVersion, kind) of children that may run pods, in deletion order.
@@ -153,8 +163,15 @@ def _configmaps_referenced(obj: Any) -> set[str]:
 class Reconciler:
     """One pass over one resource. Construct, then ``await run_pass()``."""
 
-    def __init__(self, api: KubeApi, body: dict[str, Any], now: Callable[[], str] = now_iso) -> None:
+    def __init__(
+        self,
+        api: KubeApi,
+        body: dict[str, Any],
+        now: Callable[[], str] = now_iso,
+        read_metrics: MetricsReader = http_metrics,
+    ) -> None:
         self.api = api
+        self.read_metrics = read_metrics
         self.body = body
         self.now = now
         self.meta = body["metadata"]
@@ -262,7 +279,9 @@ class Reconciler:
         return self.status.run.stageStartedAt.setdefault(stage, self.now())
 
     async def check_deadline(self, stage: str, obj: dict[str, Any] | None) -> None:
-        limit = self.spec.deadlines.of("evaluate" if stage == "summary" else stage)
+        limit = self.spec.deadlines.of(
+            {"summary": "evaluate", "reeval": "evaluate", "publish": "export"}.get(stage, stage)
+        )
         elapsed = self.seconds_since(self.started(stage))
         if elapsed <= limit:
             return
@@ -371,12 +390,24 @@ class Reconciler:
             self.spec = DraftTrainingSpec.model_validate(self.body.get("spec") or {})
         except ValidationError as e:
             await self.stall("InvalidSpec", _short_errors(e))
-        ids = b.stage_ids(self.spec)
-        run_id = b.run_id_of(self.spec)
         st = self.status
+        await self.watch_serving()
+        ids = b.stage_ids(self.spec, st.retrainNonce)
+        run_id = b.run_id_of(self.spec, st.retrainNonce)
         if st.run.id != run_id:
+            if self._hold_for_manual_retrain():
+                raise _Stop
             self._start_run(run_id, ids)
         retried = self._handle_retry_request()
+        self.compare_on_new_target = bool(
+            st.serving.runId
+            and st.serving.checkpoint
+            and st.serving.runId != run_id
+            and (st.serving.targetRevision != self.spec.target.revision
+                 or st.serving.retrainNonce != st.retrainNonce)
+        )  # fmt: skip
+        if self.compare_on_new_target:
+            ids = {**ids, "reeval": b.reeval_id(self.spec, st.serving.checkpoint or "", st.retrainNonce)}
         self.run = b.Run(
             self.meta["name"], self.meta["namespace"], self.meta.get("uid", ""), self.spec, run_id,
             attempts=dict(st.run.attempts), training_backend=await self.training_backend(), ids=ids,
@@ -419,10 +450,15 @@ class Reconciler:
             await self.job_stage("features", b.build_features_job)
         await self.job_stage("train", b.build_training)
         await self.evaluate()
-        self.apply_gate()
+        serving_on_new_target = await self.reevaluate_serving() if self.compare_on_new_target else None
+        self.apply_gate(serving_on_new_target)
         if self.spec.export.enabled:
             ckpt = st.results.checkpoint
             await self.job_stage("export", lambda r: b.build_export_job(r, ckpt))
+        draft_uri = self.run.layout().export_dir if self.spec.export.enabled else st.results.checkpoint
+        if self.spec.publish is not None:
+            draft_uri = await self.publish(draft_uri or "")
+        previous = st.serving.runId
         st.serving = Serving(
             runId=self.run.run_id,
             checkpoint=st.results.checkpoint,
@@ -430,9 +466,30 @@ class Reconciler:
             targetRevision=st.run.targetRevision,
             macroAcceptLength=st.results.macroAcceptLength,
             since=self.now(),
+            retrainNonce=st.retrainNonce,
         )
         st.checkpointUri = st.results.checkpoint
         st.trainedTargetRevision = st.run.targetRevision
+        if previous and previous != self.run.run_id:
+            self.out.events.append(
+                (
+                    "Normal",
+                    "Promoted",
+                    (st.promotion.reason if st.promotion.runId == self.run.run_id else None)
+                    or f"run {self.run.run_id} replaces {previous}",
+                )
+            )
+        if self.spec.monitoring is not None:  # the monitor restarts on the new draft with its baseline
+            st.drift = Drift(baseline=st.serving.macroAcceptLength, draftVersion=self.run.run_id,
+                             state="reset", reason="new serving draft: baseline reset", checkedAt=self.now())  # fmt: skip
+            self.out.events.append(
+                (
+                    "Normal",
+                    "BaselineReset",
+                    f"live baseline {st.serving.macroAcceptLength} (run {self.run.run_id})",
+                )
+            )
+            await self.ensure_monitor(self.run)
         self.set_phase("Succeeded", f"draft serving with accepted length {st.results.macroAcceptLength}")
         if self.spec.storage.pruneSuperseded:
             await self.prune_superseded_folders()
@@ -633,20 +690,180 @@ class Reconciler:
             await self.stall("BadEvalSummary", f"termination message of {job} is not a summary: {e}")
         return None
 
-    def apply_gate(self) -> None:
+    def apply_gate(self, serving_on_new_target: float | None = None) -> None:
         """The acceptance gate (deepspec.eval.summary.gate_decision), on every pass: a gate change
-        re-gates the existing result; ``GateFailed`` lasts until the gate or the run changes."""
+        re-gates the existing result; ``GateFailed`` lasts until the gate or the run changes.
+
+        After a target update (``serving_on_new_target``: the serving draft re-evaluated on the new
+        target), the new draft is also promoted only if it beats that figure
+        (:func:`deepspec.monitor.lifecycle.promotion_decision`); otherwise the serving draft stays.
+        """
         st = self.status
-        decision = gate_decision(
-            st.results.macroAcceptLength, self.spec.evaluation.gate, baseline(self.spec, st)
-        )
-        st.results.gatePassed = decision.passed
-        self.condition(
-            "GatePassed", decision.passed, "Passed" if decision.passed else "BelowGate", decision.reason
-        )
-        if not decision.passed:
-            self.set_phase("GateFailed", decision.reason)
+        base = serving_on_new_target if serving_on_new_target is not None else baseline(self.spec, st)
+        decision = gate_decision(st.results.macroAcceptLength, self.spec.evaluation.gate, base)
+        passed, reason, why = decision.passed, decision.reason, "BelowGate"
+        if passed and serving_on_new_target is not None and st.results.macroAcceptLength is not None:
+            promo = promotion_decision(
+                st.results.macroAcceptLength, serving_on_new_target, min_gain=self.spec.retrain.minGain
+            )
+            passed, reason, why = promo.act, promo.reason, "NotBetterThanServing"
+            decided = Promotion(runId=self.run.run_id, promoted=promo.act,
+                                candidateAcceptLength=st.results.macroAcceptLength,
+                                servingAcceptLength=serving_on_new_target, reason=promo.reason)  # fmt: skip
+            if st.promotion != decided:
+                st.promotion = decided
+                if not promo.act:
+                    self.out.events.append(("Warning", "NotPromoted", promo.reason))
+        st.results.gatePassed = passed
+        self.condition("GatePassed", passed, "Passed" if passed else why, reason)
+        if not passed:
+            self.set_phase("GateFailed", reason)
             raise _Stop
+
+    # ---- the serving side: re-evaluation, publication, serving resource, live monitor ---------------
+
+    async def reevaluate_serving(self) -> float:
+        """The serving draft's accepted length on the current target (an evaluation Job of its
+        checkpoint, with the candidate's benchmarks)."""
+        st = self.status
+        ckpt = st.serving.checkpoint or ""
+        await self.job_stage("reeval", lambda r: b.build_reeval_job(r, ckpt))
+        if st.promotion.runId == self.run.run_id and st.promotion.servingAcceptLength is not None:
+            return st.promotion.servingAcceptLength
+        job = st.run.children["reeval"]
+        summary = await self._summary_of(job)
+        if summary is None:
+            await self.stall("NoEvalSummary", f"{job} (serving draft on the new target) left no summary")
+        value = summary.macro_accept_length
+        st.promotion = Promotion(runId=self.run.run_id, servingAcceptLength=value)
+        self.out.events.append(
+            ("Normal", "ServingReevaluated",
+             f"serving draft {st.serving.runId}: accepted length {value:.3f} on target revision "
+             f"{self.spec.target.revision} (was {st.serving.macroAcceptLength} on {st.serving.targetRevision})")
+        )  # fmt: skip
+        return value
+
+    async def publish(self, draft_uri: str) -> str:
+        """Publish the draft (a Job running ``deepspec operator publish``), then point the serving
+        resource named in ``spec.publish.servingRef`` at the published version. Returns its URI."""
+        st, run = self.status, self.run
+        metadata = {"resource": f"{run.namespace}/{run.name}", "run": run.run_id,
+                    "targetRevision": st.run.targetRevision, "acceptLength": st.results.macroAcceptLength}  # fmt: skip
+        await self.job_stage("publish", lambda r: b.build_publish_job(r, draft_uri, metadata))
+        uri = b.published_uri(run)
+        st.publication = Publication(version=b.publish_version(run), uri=uri)
+        ref = self.spec.publish.servingRef if self.spec.publish else None
+        if ref is None:
+            return uri
+        what = f"{ref.kind} {run.namespace}/{ref.name}"
+        live = await self.api.get(ref.apiVersion, ref.kind, run.namespace, ref.name)
+        if live is None:
+            await self.stall("ServingRefNotFound", f"{what} (spec.publish.servingRef) does not exist")
+        try:
+            patch = b.serving_patch(ref, live, uri)
+        except ValueError as e:
+            await self.stall("ServingRefInvalid", f"{what}: {e}")
+        if patch is not None:
+            try:
+                await self.api.patch(ref.apiVersion, ref.kind, run.namespace, ref.name, patch)
+            except KubeError as e:
+                if e.status not in (403, 404, 422):
+                    raise
+                await self.stall("ServingUpdateRefused", f"patch {what}: HTTP {e.status}: {e.detail}")
+            self.out.events.append(("Normal", "ServingUpdated", f"{what} now serves {uri}"))
+        st.publication.servingRef = what
+        self.condition("ServingUpdated", True, "Patched", f"{what} -> {uri}")
+        return uri
+
+    async def ensure_monitor(self, run: b.Run) -> None:
+        """The monitor Deployment (+ Service, + PodMonitor when served) for the serving draft; a
+        Deployment watching another draft or baseline gets the new arguments (it restarts)."""
+        st = self.status
+        want = b.build_monitor_deployment(run, st.serving.runId or "", st.serving.macroAcceptLength)
+        live = await self.ensure(want)
+        containers = (((live.get("spec") or {}).get("template") or {}).get("spec") or {}).get(
+            "containers"
+        ) or []
+        if (
+            not containers
+            or containers[0].get("command") != want["spec"]["template"]["spec"]["containers"][0]["command"]
+        ):
+            await self.api.patch("apps/v1", "Deployment", run.namespace, want["metadata"]["name"],
+                                 {"spec": {"template": want["spec"]["template"]}})  # fmt: skip
+            self.out.events.append(
+                ("Normal", "MonitorUpdated", f"{want['metadata']['name']} watches draft {st.serving.runId}")
+            )
+        await self.ensure(b.build_monitor_service(run))
+        if await self.api.served("monitoring.coreos.com/v1", "PodMonitor"):
+            await self.ensure(b.build_monitor_pod_monitor(run))
+
+    async def remove_monitor(self, run: b.Run) -> None:
+        name = b.monitor_name(run)
+        for api_version, kind in (("apps/v1", "Deployment"), ("v1", "Service"),
+                                  ("monitoring.coreos.com/v1", "PodMonitor")):  # fmt: skip
+            if await self.served(api_version, kind) and await self.api.delete(
+                api_version, kind, run.namespace, name
+            ):
+                self.out.deleted.append(f"{kind}/{name}")
+
+    async def watch_serving(self) -> None:
+        """Every pass: keep the live monitor of the serving draft, read its decision into
+        ``status.drift``, and apply ``spec.retrain.policy`` ``onDrift``."""
+        st, spec = self.status, self.spec
+        light = b.Run(self.meta["name"], self.meta["namespace"], self.meta.get("uid", ""), spec,
+                      st.run.id or "", ids=b.stage_ids(spec, st.retrainNonce))  # fmt: skip
+        if spec.monitoring is None:
+            if st.drift is not None:
+                await self.remove_monitor(light)
+                st.drift = None
+            return
+        if not st.serving.runId:
+            return  # nothing serves yet
+        await self.ensure_monitor(light)
+        version = st.serving.runId
+        decision = parse_monitor_metrics(await self.read_metrics(b.monitor_url(light)), version, self.now())
+        previous = st.drift
+        st.drift = Drift(
+            state=decision.state.value, drift=decision.drift, observed=decision.observed,
+            baseline=decision.baseline if decision.baseline is not None else st.serving.macroAcceptLength,
+            since=decision.to_status()["since"], draftVersion=version, reason=decision.reason,
+            checkedAt=self.now(),
+        )  # fmt: skip
+        if decision.drift and not (previous and previous.drift):
+            self.out.events.append(("Warning", "LiveDrift", f"draft {version}: {decision.reason}"))
+        idle = st.phase in ("Succeeded", "GateFailed") and st.run.id == st.serving.runId
+        retrain = should_retrain(
+            spec.retrain.policy,
+            target_revision=spec.target.revision or "",
+            serving_target_revision=spec.target.revision or "",  # revision changes start runs by themselves
+            drift=decision,
+            run_in_progress=not idle,
+        )
+        if retrain.act:
+            st.retrainNonce = self.now()
+            self.out.events.append(("Normal", "RetrainOnDrift", retrain.reason))
+
+    def _hold_for_manual_retrain(self) -> bool:
+        """``retrain.policy: manual``: a new target revision while a draft serves waits for a new
+        ``deepspec.io/retrain`` annotation value (any other spec change starts its run at once)."""
+        st, spec = self.status, self.spec
+        if spec.retrain.policy != "manual" or not st.serving.runId or st.serving.runId != st.run.id:
+            return False
+        if st.serving.targetRevision == spec.target.revision:
+            return False
+        value = (self.meta.get("annotations") or {}).get(RETRAIN_ANNOTATION)
+        if value and value != st.retrainRequest:
+            st.retrainRequest = value
+            self.out.events.append(("Normal", "RetrainRequested", f"{RETRAIN_ANNOTATION}={value}"))
+            return False
+        decision = should_retrain("manual", target_revision=spec.target.revision or "",
+                                  serving_target_revision=st.serving.targetRevision)  # fmt: skip
+        message = (f"target revision {spec.target.revision} is not the serving draft's "
+                   f"({st.serving.targetRevision}); {decision.reason} or annotate {RETRAIN_ANNOTATION}")  # fmt: skip
+        if self.old_conditions.get("RetrainRequired") != ("True", message):
+            self.out.events.append(("Normal", "RetrainRequired", message))
+        self.condition("RetrainRequired", True, "ManualPolicy", message)
+        return True
 
 
 def baseline(spec: DraftTrainingSpec, status: DraftTrainingStatus) -> float | None:
@@ -672,9 +889,14 @@ def _short_errors(e: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in x['loc']) or 'spec'}: {x['msg']}" for x in e.errors())[:1000]
 
 
-async def reconcile(api: KubeApi, body: dict[str, Any], now: Callable[[], str] = now_iso) -> Outcome:
+async def reconcile(
+    api: KubeApi,
+    body: dict[str, Any],
+    now: Callable[[], str] = now_iso,
+    read_metrics: MetricsReader = http_metrics,
+) -> Outcome:
     """One level-based pass; see the module docstring. API errors propagate (the loop retries)."""
-    return await Reconciler(api, body, now).run_pass()
+    return await Reconciler(api, body, now, read_metrics).run_pass()
 
 
 def merge_patch_diff(old: Any, new: Any) -> Any:

@@ -54,6 +54,7 @@ DEFAULT_IMAGE = "ghcr.io/deepspec/deepspec:0.1.0"
 IMAGE_ENV = "DEEPSPEC_JOB_IMAGE"
 DEFAULT_SGLANG_IMAGE = "lmsysorg/sglang:v0.5.4-cu126"
 RETRY_ANNOTATION = "deepspec.io/retry"
+RETRAIN_ANNOTATION = "deepspec.io/retrain"
 
 
 def recipe_field(model: type[BaseModel], name: str, **changes: Any) -> Any:
@@ -475,6 +476,145 @@ class DeadlinesSpec(SpecModel):
 
 
 # --------------------------------------------------------------------------------------------------
+# spec.monitoring, spec.retrain, spec.publish: the serving side (docs/monitoring.md, "Operator")
+# --------------------------------------------------------------------------------------------------
+
+
+class MonitoringSpec(SpecModel):
+    """A live monitor (``deepspec monitor``) of the serving stack, deployed once a draft serves.
+
+    The operator reads its decision from the monitor's ``/metrics`` (``deepspec_monitor_state``...)
+    into ``status.drift``; Prometheus scrapes the same endpoint through a PodMonitor.
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.mode != 'scrape' || (has(self.metricsUrls) && size(self.metricsUrls) > 0)",
+                    "monitoring.metricsUrls is required in scrape mode",
+                    ".metricsUrls",
+                ),
+                cel(
+                    "self.mode != 'canary' || (has(self.baseUrl) && self.baseUrl != '')",
+                    "monitoring.baseUrl is required in canary mode",
+                    ".baseUrl",
+                ),
+            ]
+        }
+    )
+
+    mode: Literal["scrape", "canary"] = Field(
+        "scrape", description="scrape: read the engine's /metrics; canary: send fixed prompts (OpenAI API)."
+    )
+    engine: Literal["sglang", "vllm"] = Field("sglang", description="The serving engine.")
+    metricsUrls: list[str] = Field(
+        default_factory=list, description="Scrape mode: the engine's /metrics URLs (one per replica)."
+    )
+    baseUrl: str | None = Field(None, description="Canary mode: OpenAI-compatible base URL (.../v1).")
+    prompts: str | None = Field(
+        None,
+        description=(
+            "Canary mode: {turns} JSONL prompts, relative to the run volume (default: the first evaluation "
+            "benchmark, so the canary is comparable with the gate's accepted length)."
+        ),
+    )
+    numPrompts: int = Field(16, ge=1, le=1000, description="Canary prompts per run.")
+    servedModel: str | None = Field(None, description="Served model name (default: target.servedModelName).")
+    tolerance: float = Field(0.1, gt=0.0, lt=1.0, description="Relative drop below the baseline that counts.")
+    durationSeconds: int = Field(900, ge=0, description="How long the drop must last to be drift.")
+    windowSeconds: int = Field(600, ge=1, description="Measurement window.")
+    intervalSeconds: int = Field(30, ge=1, description="Seconds between measurements (scrape or canary).")
+    minVerifySteps: float = Field(
+        200.0, ge=1.0, description="Verification steps needed in the window for any decision (low traffic)."
+    )
+    port: int = Field(9400, ge=1024, le=65535, description="Port of the monitor's /metrics.")
+    resources: dict[str, Any] = Field(default_factory=dict, description="Container resources.")
+
+    @model_validator(mode="after")
+    def _source_given(self) -> MonitoringSpec:
+        if self.mode == "scrape" and not self.metricsUrls:
+            raise ValueError("monitoring.metricsUrls is required in scrape mode")
+        if self.mode == "canary" and not self.baseUrl:
+            raise ValueError("monitoring.baseUrl is required in canary mode")
+        return self
+
+
+class RetrainSpec(SpecModel):
+    """When a new run starts by itself, and when its draft replaces the serving one."""
+
+    policy: Literal["manual", "onTargetUpdate", "onDrift"] = Field(
+        "onTargetUpdate",
+        description=(
+            "manual: a target revision change waits for the deepspec.io/retrain annotation; onTargetUpdate: "
+            "a revision change starts a run; onDrift: that, and live drift reported by the monitor."
+        ),
+    )
+    minGain: float = Field(
+        0.0,
+        ge=0.0,
+        description=(
+            "After a target change, the new draft must beat the serving draft re-evaluated on the new target "
+            "by more than this (accepted length) to be promoted."
+        ),
+    )
+
+
+class ServingRef(SpecModel):
+    """A serving resource whose draft path the operator sets to the promoted draft."""
+
+    apiVersion: str = Field("apps/v1", description="API version of the serving resource.")
+    kind: str = Field("Deployment", description="Kind (Deployment: an SGLang/vLLM container's arguments).")
+    name: str = Field(..., min_length=1, description="Name, in the DraftTraining's namespace.")
+    container: str | None = Field(
+        None, description="Deployment: the container to update (default: the first one)."
+    )
+    argument: str = Field(
+        "--speculative-draft-model-path",
+        description="Deployment: the draft path flag (vLLM: put it in a --speculative-config JSON yourself).",
+    )
+    fieldPath: str | None = Field(
+        None,
+        description=(
+            "Other kinds: dotted path of the string field to set, e.g. a KServe LLMInferenceService's draft "
+            "model URI field."
+        ),
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                cel(
+                    "self.kind == 'Deployment' || has(self.fieldPath)",
+                    "publish.servingRef.fieldPath is required for kinds other than Deployment",
+                    ".fieldPath",
+                )
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _field_for_other_kinds(self) -> ServingRef:
+        if self.kind != "Deployment" and not self.fieldPath:
+            raise ValueError("publish.servingRef.fieldPath is required for kinds other than Deployment")
+        return self
+
+
+class PublishSpec(SpecModel):
+    """GitOps publication of each promoted draft: ``versions/<version>/`` + a ``current`` pointer."""
+
+    path: str | None = Field(
+        None,
+        description=(
+            "Destination: relative to the run volume, absolute, or s3:// (default: <run root>/published)."
+        ),
+    )
+    servingRef: ServingRef | None = Field(
+        None, description="Serving resource updated to the published version (no manual step)."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # spec
 # --------------------------------------------------------------------------------------------------
 
@@ -519,6 +659,11 @@ class DraftTrainingSpec(SpecModel):
         None, description="Service account of the workload pods (S3 via IRSA / Workload Identity)."
     )
     maxRetries: int = Field(2, ge=0, le=10, description="Re-creations of a failed stage before Stalled.")
+    monitoring: MonitoringSpec | None = Field(
+        None, description="Live acceptance monitor of the serving stack (status.drift)."
+    )
+    retrain: RetrainSpec = Field(default_factory=RetrainSpec)
+    publish: PublishSpec | None = Field(None, description="Publish promoted drafts (and update serving).")
 
     @model_validator(mode="after")
     def _multi_node_storage(self) -> DraftTrainingSpec:
@@ -574,6 +719,40 @@ class Serving(BaseModel):
     targetRevision: str | None = None
     macroAcceptLength: float | None = None
     since: str | None = None
+    retrainNonce: str | None = None
+
+
+class Drift(BaseModel):
+    """The live monitor's last decision (``deepspec.monitor.drift``), read from its /metrics."""
+
+    state: str | None = None
+    drift: bool = False
+    observed: float | None = None
+    baseline: float | None = None
+    since: str | None = Field(None, description="Start of the current below-baseline stretch.")
+    draftVersion: str | None = None
+    reason: str | None = None
+    checkedAt: str | None = None
+
+
+class Promotion(BaseModel):
+    """The last promotion decision: the new draft against the serving one, both on the new target."""
+
+    runId: str | None = None
+    promoted: bool | None = None
+    candidateAcceptLength: float | None = None
+    servingAcceptLength: float | None = Field(
+        None, description="Serving draft re-evaluated on the new target."
+    )
+    reason: str | None = None
+
+
+class Publication(BaseModel):
+    """Where the serving draft was published and which serving resource points at it."""
+
+    version: str | None = None
+    uri: str | None = None
+    servingRef: str | None = None
 
 
 class RunStatus(BaseModel):
@@ -612,3 +791,8 @@ class DraftTrainingStatus(BaseModel):
     checkpointUri: str | None = None
     trainedTargetRevision: str | None = None
     message: str | None = None
+    drift: Drift | None = None
+    promotion: Promotion = Field(default_factory=Promotion)
+    publication: Publication = Field(default_factory=Publication)
+    retrainNonce: str | None = Field(None, description="Set by a drift-triggered retrain (new run identity).")
+    retrainRequest: str | None = Field(None, description="Last deepspec.io/retrain annotation value handled.")

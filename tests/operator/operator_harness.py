@@ -235,10 +235,13 @@ async def drive_to_success(
     run: Run,
     summary: dict[str, Any],
     before_stage: Callable[[str], Awaitable[None]] | None = None,
+    serving_on_new_target: dict[str, Any] | None = None,
 ) -> None:
     """Walk every stage of ``run`` while the operator reacts in the background.
 
     ``before_stage(stage)`` runs once the stage's child exists, before it is marked finished.
+    ``serving_on_new_target``: the summary of the serving draft's re-evaluation Job (a run after a
+    target update, while another draft serves).
     """
     from deepspec.operator.builders import needs_seed
 
@@ -263,6 +266,12 @@ async def drive_to_success(
         if stage == "evaluate":
             await cluster.add_eval_pod(name, summary)
         await cluster.finish_job(name, kind=kind, api_version=api_version)
+        if stage == "evaluate" and serving_on_new_target is not None:
+            reeval = await cluster.wait(
+                lambda: _child_with_prefix(cluster, f"{run.name}-reeval-"), "reeval Job"
+            )
+            await cluster.add_eval_pod(reeval, serving_on_new_target)
+            await cluster.finish_job(reeval)
         if stage == "regenerate":
             dep = await cluster.wait(
                 lambda: _scaled_to_zero(cluster, server), "server scaled to zero after regeneration"
@@ -273,3 +282,8 @@ async def drive_to_success(
 async def _scaled_to_zero(cluster: Cluster, name: str) -> dict[str, Any] | None:
     dep = await cluster.api.get("apps/v1", "Deployment", NS, name)
     return dep if dep and dep["spec"]["replicas"] == 0 else None
+
+
+async def _child_with_prefix(cluster: Cluster, prefix: str) -> str | None:
+    jobs = await cluster.api.list("batch/v1", "Job", NS)
+    return next((j["metadata"]["name"] for j in jobs if j["metadata"]["name"].startswith(prefix)), None)

@@ -106,6 +106,11 @@ CEL_INVALID = [
      "target.gpus must be a multiple of target.tensorParallelSize (data-parallel replicas)"),
     ("multi-node-on-rwo", {"training": {"algorithm": "dspark", "nodes": 2}},
      "training.nodes > 1 needs storage.pvc.accessMode ReadWriteMany or storage.s3"),
+    ("scrape-without-urls", {"monitoring": {"mode": "scrape"}}, "monitoring.metricsUrls is required in scrape mode"),
+    ("canary-without-url", {"monitoring": {"mode": "canary"}}, "monitoring.baseUrl is required in canary mode"),
+    ("serving-ref-without-field", {"publish": {"servingRef": {"kind": "LLMInferenceService", "name": "x",
+                                                              "apiVersion": "serving.kserve.io/v1alpha1"}}},
+     "publish.servingRef.fieldPath is required for kinds other than Deployment"),
 ]  # fmt: skip
 
 

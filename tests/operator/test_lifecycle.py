@@ -135,9 +135,14 @@ async def test_revision_bump_starts_new_run_and_keeps_serving(
         "checkpoint": "/data/y/draft/step_200",
         "macro_accept_length": 3.3,
     }
-    await drive_to_success(cluster, run2, summary2)
+    # the serving draft is re-evaluated on v2 (2.9 there): the new draft (3.3) beats it
+    await drive_to_success(
+        cluster, run2, summary2, serving_on_new_target={**SUMMARY, "macro_accept_length": 2.9}
+    )
     done = await cluster.wait_phase(run1.name, "Succeeded")
     assert done["status"]["serving"]["runId"] == run2.run_id
     assert done["status"]["serving"]["targetRevision"] == "v2"
+    promotion = done["status"]["promotion"]
+    assert promotion["promoted"] is True and promotion["servingAcceptLength"] == pytest.approx(2.9)
     assert done["status"]["observedGeneration"] == 2
     assert_rbac_covers(cluster, deleted=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import shutil
 import subprocess
 import urllib.request
@@ -112,7 +114,7 @@ def test_promtool_check_rules(tmp_path: Path) -> None:
         [PROMTOOL, "check", "rules", str(rule_groups(tmp_path))], capture_output=True, text=True
     )
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "6 rules found" in res.stdout + res.stderr
+    assert "13 rules found" in res.stdout + res.stderr  # 7 operator alerts + deepspec/monitor/alerts.yaml
 
 
 def _unit_test(
@@ -246,6 +248,9 @@ SUMMARIES = {
     "DraftEvalStale": "llm/qwen3: the current run has not been evaluated for a long time",
     "DraftTrainingStalled": "llm/qwen3 is Stalled (kubectl describe dt qwen3)",
     "DraftLiveAcceptRateDrop": "Live speculative acceptance rate of qwen3-8b dropped",
+    "DraftServingOlderThanTarget": "llm/qwen3: the serving draft is older than the target revision",
+    "DraftEvalAcceptLengthBelowBaseline": "Draft llm/qwen3 evaluates below its baseline",
+    "DraftLiveAcceptLengthDrop": "Live speculative accepted length of qwen3-8b dropped",
 }
 
 
@@ -255,6 +260,10 @@ def _alert(name: str, at: str, fires: list[dict[str, str]] | None) -> dict[str, 
 
 
 KEY = {"namespace": "llm", "name": "qwen3"}
+OPERATOR_ALERTS = (
+    "DraftEvalAcceptLengthBelowBaseline", "DraftLiveAcceptLengthDrop", "DraftLiveAcceptRateDrop",
+    "DraftTargetRevisionNotEvaluated", "DraftTrainingStalled", "DraftEvalStale", "DraftServingOlderThanTarget",
+)  # fmt: skip
 
 
 def alert_cases() -> list[dict[str, Any]]:
@@ -262,6 +271,9 @@ def alert_cases() -> list[dict[str, Any]]:
     stalled = _status(HEALTHY, status__phase="Stalled")
     bumped = _status(HEALTHY, spec__target__revision="v2", status__run__id="bbbb2222")
     stale = _status(FIRST_RUN)  # 8 days into a run that never got evaluated
+    # the run on v2 was evaluated but its draft did not beat the serving one (v1) on v2: kept
+    not_promoted = _status(HEALTHY, spec__target__revision="v2", status__phase="GateFailed",
+                           status__run__id="bbbb2222", status__results__runId="bbbb2222")  # fmt: skip
     live = 'sglang:spec_accept_length{namespace="llm", model_name="qwen3-8b", pod="%s"}'
     rate = 'sglang:spec_accept_rate{namespace="llm", model_name="qwen3-8b", pod="%s"}'
     live_labels = {"severity": "warning", "namespace": "llm", "model_name": "qwen3-8b"}
@@ -271,6 +283,19 @@ def alert_cases() -> list[dict[str, Any]]:
          "alert_rule_test": [_alert("DraftTargetRevisionNotEvaluated", "7h", [{"severity": "warning", **KEY}])]},
         {"interval": "15m", "input_series": as_input(series_of(FIRST_RUN), 800, phases=False),
          "alert_rule_test": [_alert("DraftTargetRevisionNotEvaluated", "8d", None)]},
+        # DraftServingOlderThanTarget: the new draft was not promoted (or retrain is manual): fires after
+        # 30 min, and then "not evaluated" is silent; never during the retrain itself nor when current
+        {"interval": "5m", "input_series": as_input(series_of(not_promoted), 100),
+         "alert_rule_test": [_alert("DraftServingOlderThanTarget", "20m", None),
+                             _alert("DraftServingOlderThanTarget", "1h", [{"severity": "warning", **KEY}]),
+                             _alert("DraftTargetRevisionNotEvaluated", "7h", None)]},
+        {"interval": "5m", "input_series": as_input(series_of(bumped), 100),
+         "alert_rule_test": [_alert("DraftServingOlderThanTarget", "7h", None)]},
+        {"interval": "5m", "input_series": as_input(series_of(HEALTHY), 100),
+         "alert_rule_test": [_alert("DraftServingOlderThanTarget", "7h", None)]},
+        # missing data: no drafttraining_* / engine series at all: no alert of the operator's group
+        {"interval": "5m", "input_series": [{"series": 'up{job="other"}', "values": "1x100"}],
+         "alert_rule_test": [_alert(a, "7h", None) for a in OPERATOR_ALERTS]},
         # DraftEvalStale: not on a healthy resource after 8 days; fires when the run is unevaluated for 8 days
         {"interval": "15m", "input_series": as_input(series_of(HEALTHY), 800, phases=False),
          "alert_rule_test": [_alert("DraftEvalStale", "8d", None)]},
@@ -306,13 +331,46 @@ def test_promtool_each_alert(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     res = _unit_test(rules, long, tmp_path, evaluation_interval="15m")
     assert res.returncode == 0, res.stdout + res.stderr
-    # every alert of the chart is covered (the drift ones by test_promtool_drift_alerts)
+    # every alert of the chart is covered: the operator's here (the drift ones fire in
+    # test_promtool_drift_alerts), the monitor's group by test_promtool_monitor_group_in_the_chart
     names = {t["alertname"] for c in cases for t in c["alert_rule_test"]}
     groups = yaml.safe_load(rules.read_text())["groups"]
-    assert {r["alert"] for g in groups for r in g["rules"]} == names | {
-        "DraftEvalAcceptLengthBelowBaseline",
-        "DraftLiveAcceptLengthDrop",
-    }
+    operator_group = next(g for g in groups if g["name"] == "deepspec.drafts")
+    assert {r["alert"] for r in operator_group["rules"]} == names == set(OPERATOR_ALERTS)
+    assert [g["name"] for g in groups] == ["deepspec.drafts", "deepspec.live"]
+
+
+def test_chart_carries_the_monitor_alerts_and_dashboard(tmp_path: Path) -> None:
+    """The chart's copies are the package's (regenerate with `deepspec operator crd --write`)."""
+    from deepspec.monitor import ALERT_RULES, DASHBOARD
+    from deepspec.operator.crd import REPO_ROOT, chart_monitoring_files
+
+    for rel, text in chart_monitoring_files().items():
+        assert (REPO_ROOT / rel).read_text(encoding="utf-8") == text, (
+            f"{rel} is stale: deepspec operator crd --write"
+        )
+    groups = yaml.safe_load(rule_groups(tmp_path).read_text())["groups"]
+    assert groups[1:] == yaml.safe_load(ALERT_RULES.read_text())["groups"]
+    out = Chart.load(str(CHART)).render(
+        {"metrics": {"grafanaDashboard": {"enabled": True}}}, name="ds", namespace="ops"
+    )
+    data = yaml.safe_load(out["deepspec-operator/templates/dashboard.yaml"])["data"]
+    assert json.loads(data["deepspec-monitor.json"]) == json.loads(DASHBOARD.read_text())
+    assert json.loads(data["deepspec-drafts.json"])["panels"]
+
+
+@needs_promtool
+def test_promtool_monitor_group_in_the_chart(tmp_path: Path) -> None:
+    """tests/monitor/test_alerts.py's cases (each monitor alert firing, silent, and with missing data)
+    pass against the chart's rendered PrometheusRule too."""
+    spec = importlib.util.spec_from_file_location(
+        "monitor_alert_cases", Path(__file__).parents[1] / "monitor" / "test_alerts.py"
+    )
+    assert spec is not None and spec.loader is not None
+    cases = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cases)
+    res = _unit_test(rule_groups(tmp_path), cases.TESTS, tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 @needs_promtool

@@ -39,6 +39,11 @@ each watched namespace (namespaced install).
 - apiGroups: ["monitoring.coreos.com"]
   resources: ["podmonitors"]
   verbs: ["get", "list", "create", "delete"]
+{{- with .Values.rbac.servingResources }}
+# serving resources named in spec.publish.servingRef (their draft path set to the promoted draft);
+# Deployments are covered above
+{{- toYaml . | nindent 0 }}
+{{- end }}
 # evaluation summaries are read from the pods' termination messages
 - apiGroups: [""]
   resources: ["pods"]
