@@ -53,6 +53,9 @@ def _vllm(path: str, commit: str) -> Source:
 SGLANG_EAGLE3 = _sglang("models/llama_eagle3.py", "03d5a7771f6082e7737a5f19cae7d1e863087013")
 SGLANG_LLAMA = _sglang("models/llama.py", "bf7a0e237e8d5b2ce5402f5d2fafce31e012dbdf")  # layers_to_capture = id+1
 SGLANG_DFLASH_WORKER = _sglang("speculative/dflash_worker.py", "0468412fb7dc9909923ee6b6c95cfcfca24cfe34")
+# spec-v2 worker: "draft tokens are block positions 1: (pos 0 is the seeded bonus token)"; its block_size is
+# --speculative-num-draft-tokens (warns when it differs from the config's block_size)
+SGLANG_DFLASH_WORKER_V2 = _sglang("speculative/dflash_worker_v2.py", "0057abea41fceae867b023fc2962c340e11990de")
 SGLANG_DFLASH_UTILS = _sglang("speculative/dflash_utils.py", "00731f0bc9fa81c39802754fb4b62e9cce967582")
 SGLANG_DFLASH_MODEL = _sglang("models/dflash.py", "7f151c5ebdb3af4467c2a5d3ccc5f54e71d2ba35")
 SGLANG_DSPARK = _sglang("models/dspark.py", "37e23874aa15a7deb74084dd4fb72a5e7b73c147")
@@ -401,7 +404,7 @@ def _rules() -> list[Rule]:
         ("sglang", SGLANG_DSPARK, SGLANG_DSPARK, SGLANG_EAGLE3, SGLANG_DFLASH_UTILS),
         ("vllm", VLLM_REGISTRY, VLLM_DSPARK_MODEL, VLLM_EAGLE3, VLLM_DFLASH_MODEL),
     ):
-        slot_src = SGLANG_DFLASH_WORKER if engine == "sglang" else VLLM_SPEC_UTILS
+        slot_src = SGLANG_DFLASH_WORKER_V2 if engine == "sglang" else VLLM_SPEC_UTILS
         rules += [
             Rule(engine, "architecture", "architectures routes to the engine's model for the algorithm",
                  arch_src, _architecture(engine)),

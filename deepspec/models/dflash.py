@@ -10,7 +10,7 @@ Weight layout follows SGLang's ``DFlashDraftModel`` (no embedding / LM head: bot
 A block for anchor position a is ``[x_a, MASK x (block_size-1)]`` at RoPE positions a..a+block_size-1, the
 serving engines' layout. **Slot convention** (what SGLang and vLLM run for ``DFlashDraftModel``): slot 0, the
 anchor, is not predicted; mask slot j = 1..block_size-1 predicts the token *at* its own position a+j, so one
-block proposes block_size-1 tokens (SGLang ``speculative/dflash_worker.py`` samples ``draft_hidden[:, 1:]``;
+block proposes block_size-1 tokens (SGLang ``speculative/dflash_worker{,_v2}.py`` sample block positions 1:;
 vLLM ``v1/spec_decode/utils.py`` samples the query offsets > 0; see :mod:`deepspec.export.engines`).
 DSpark (:mod:`deepspec.models.dspark`) shares the backbone with its own convention: every slot k predicts
 a+k+1, the anchor slot included (:attr:`DFlashDraft.anchor_predicts`).

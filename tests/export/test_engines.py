@@ -168,7 +168,7 @@ def _missing_vllm_layer_key(tmp_path, engine):
 
 # (defect, engine, rule broken, engine file cited by the rule)
 DEFECTS = [
-    (_old_dflash_offset, "sglang", "dflash-slot-convention", "speculative/dflash_worker.py"),
+    (_old_dflash_offset, "sglang", "dflash-slot-convention", "speculative/dflash_worker_v2.py"),
     (_old_dflash_offset, "vllm", "dflash-slot-convention", "v1/spec_decode/utils.py"),
     (_old_markov_names, "sglang", "weight-names", "models/dflash.py"),
     (_old_markov_names, "vllm", "dspark-markov-weights", "qwen3_dspark.py"),
