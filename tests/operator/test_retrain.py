@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from operator_harness import NS, SUMMARY, Cluster
+from operator_harness import NS, SUMMARY, Cluster, allowed, operator_permissions, rbac_rules
 from prometheus_client import CollectorRegistry, generate_latest
 from test_scenarios import Operator, cond, events, finish, to_training
 
@@ -279,6 +279,15 @@ async def test_on_target_update_promotes_only_a_draft_that_wins_on_the_new_targe
     reasons = [e["reason"] for e in events(cluster)]
     for reason in ("ServingReevaluated", "NotPromoted", "Promoted", "ServingUpdated", "BaselineReset"):
         assert reason in reasons, reason
+    # every request of the loop (monitor children, serving Deployment patch...) is granted by both roles
+    used = operator_permissions(cluster.kmock)
+    assert ("patch", "apps", "deployments") in used and (
+        "create",
+        "monitoring.coreos.com",
+        "podmonitors",
+    ) in used
+    for rules in (rbac_rules(), rbac_rules({"watchNamespaces": [NS]}, "Role")):
+        assert not sorted(u for u in used if not allowed(rules, *u))
 
 
 async def test_on_drift_retrains_on_live_drift(
