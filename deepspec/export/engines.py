@@ -51,15 +51,22 @@ def _vllm(path: str, commit: str) -> Source:
 
 
 SGLANG_EAGLE3 = _sglang("models/llama_eagle3.py", "03d5a7771f6082e7737a5f19cae7d1e863087013")
-SGLANG_LLAMA = _sglang("models/llama.py", "bf7a0e237e8d5b2ce5402f5d2fafce31e012dbdf")  # layers_to_capture = id+1
+SGLANG_LLAMA = _sglang(
+    "models/llama.py", "bf7a0e237e8d5b2ce5402f5d2fafce31e012dbdf"
+)  # layers_to_capture = id+1
 SGLANG_DFLASH_WORKER = _sglang("speculative/dflash_worker.py", "0468412fb7dc9909923ee6b6c95cfcfca24cfe34")
 # spec-v2 worker: "draft tokens are block positions 1: (pos 0 is the seeded bonus token)"; its block_size is
 # --speculative-num-draft-tokens (warns when it differs from the config's block_size)
-SGLANG_DFLASH_WORKER_V2 = _sglang("speculative/dflash_worker_v2.py", "0057abea41fceae867b023fc2962c340e11990de")
+SGLANG_DFLASH_WORKER_V2 = _sglang(
+    "speculative/dflash_worker_v2.py", "0057abea41fceae867b023fc2962c340e11990de"
+)
 SGLANG_DFLASH_UTILS = _sglang("speculative/dflash_utils.py", "00731f0bc9fa81c39802754fb4b62e9cce967582")
 SGLANG_DFLASH_MODEL = _sglang("models/dflash.py", "7f151c5ebdb3af4467c2a5d3ccc5f54e71d2ba35")
 SGLANG_DSPARK = _sglang("models/dspark.py", "37e23874aa15a7deb74084dd4fb72a5e7b73c147")
 VLLM_EAGLE3 = _vllm("model_executor/models/llama_eagle3.py", "583507d13075783a12ccbd774575974d10ca4959")
+# the V1 runner reads hf_config.eagle_aux_hidden_state_layer_ids (id j = output of layer j-1, 0 = embedding)
+# and falls back to dflash_config.target_layer_ids (seen in a quoted excerpt of this file, not read whole)
+VLLM_RUNNER = _vllm("v1/worker/gpu_model_runner.py", "4e1790651fc758c06c7a903dd4cd82364ac91b27")
 VLLM_REGISTRY = _vllm("model_executor/models/registry.py", "bf8e76246223e2c5e9c4df0c72e24250e9f1db36")
 VLLM_DFLASH = _vllm("v1/spec_decode/dflash.py", "01046b9a33846d0561525a552c3c540ef9f56db0")
 VLLM_SPEC_UTILS = _vllm("v1/spec_decode/utils.py", "01046b9a33846d0561525a552c3c540ef9f56db0")
@@ -160,10 +167,11 @@ def engine_capture_ids(cfg: dict[str, Any], engine: str) -> list[int]:
     """The target layers whose outputs the engine feeds the draft, in the order it concatenates them.
 
     Both engines capture each layer once, in ascending order. SGLang reads the nested Eagle3 ids as
-    "output of layer i" and adds +1 itself (``layers_to_capture = [val + 1 ...]``, :data:`SGLANG_LLAMA`); vLLM's V1 runner reads a top-level
-    ``eagle_aux_hidden_state_layer_ids`` as "input of layer i" (= output of layer i-1) and falls back to the
-    nested ids *in that same convention* (:data:`VLLM_EAGLE3`). DFlash/DSpark ``target_layer_ids`` are
-    "output of layer i" on both (vLLM adds +1 itself: :data:`VLLM_DFLASH_MODEL`).
+    "output of layer i" and adds +1 itself (``layers_to_capture = [val + 1 ...]``, :data:`SGLANG_LLAMA`).
+    vLLM's V1 runner reads a top-level ``eagle_aux_hidden_state_layer_ids`` as "input of layer i" (= output
+    of layer i-1) and falls back to the nested ids *in that same convention* (:data:`VLLM_RUNNER`; the
+    fallback as audited in issue 10). DFlash/DSpark ``target_layer_ids`` are "output of layer i" on both
+    (vLLM adds +1 itself: :data:`VLLM_DFLASH_MODEL`).
     """
     view = ExportView(Path("."), cfg, {})
     if engine == "vllm" and view.get("eagle_config") is not None:
@@ -435,7 +443,7 @@ def _rules() -> list[Rule]:
     )  # fmt: skip
     rules.append(
         Rule("vllm", "eagle3-vllm-layer-shift", "top-level eagle_aux_hidden_state_layer_ids = nested ids + 1",
-             VLLM_EAGLE3, _eagle3_vllm_top_level, ("eagle3",))
+             VLLM_RUNNER, _eagle3_vllm_top_level, ("eagle3",))
     )  # fmt: skip
     return rules
 

@@ -178,7 +178,7 @@ DEFECTS = [
     (_duplicate_layer_ids, "vllm", "layer-ids-sorted-unique", "qwen3_dflash.py"),
     (_missing_markov_tensor, "sglang", "dspark-markov-weights", "models/dspark.py"),
     (_missing_markov_tensor, "vllm", "dspark-markov-weights", "qwen3_dspark.py"),
-    (_missing_vllm_layer_key, "vllm", "eagle3-vllm-layer-shift", "models/llama_eagle3.py"),
+    (_missing_vllm_layer_key, "vllm", "eagle3-vllm-layer-shift", "v1/worker/gpu_model_runner.py"),
 ]
 
 
