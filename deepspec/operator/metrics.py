@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 
 PHASES = (
     "Pending", "Seeding", "StartingServer", "Regenerating", "Merging", "CachingFeatures", "Training",
-    "Evaluating", "Exporting", "Succeeded", "GateFailed", "Stalled", "Suspended",
+    "Evaluating", "Exporting", "Publishing", "Succeeded", "GateFailed", "Stalled", "Suspended",
 )  # fmt: skip
 
 

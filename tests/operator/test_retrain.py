@@ -13,6 +13,7 @@ import argparse
 import copy
 import datetime as dt
 import shlex
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -117,13 +118,21 @@ async def start(cluster: Cluster, example: dict[str, Any], policy: str) -> Monit
                                      "command": ["python3", "-m", "sglang.launch_server"], "args": SERVING_ARGS}]}}},
     })  # fmt: skip
     await cluster.api.create(monitored(example, policy))
-    return MonitoredOperator(cluster, example["metadata"]["name"])
+    STARTED.append(MonitoredOperator(cluster, example["metadata"]["name"]))
+    return STARTED[-1]
 
 
 @pytest_asyncio.fixture
-async def volume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+async def volume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Path]:
+    """A local folder standing for the run volume; closes the operators' API clients afterwards."""
     monkeypatch.chdir(tmp_path)
-    return tmp_path / "data"
+    yield tmp_path / "data"
+    for op in STARTED:
+        await op.api.close()
+    STARTED.clear()
+
+
+STARTED: list[MonitoredOperator] = []
 
 
 async def run_publish_job(cluster: Cluster, run: Run, volume: Path) -> str:
