@@ -1091,6 +1091,9 @@ def build_monitor_deployment(run: Run, draft_version: str, baseline: float | Non
     ]
     if m.mode == "scrape":
         c.pop("workingDir", None)
+    # no recipe here, and no cache on a volume the pod does not mount
+    c["env"] = [e for e in c["env"] if e["name"] != "DEEPSPEC_RECIPE"
+                and not (m.mode == "scrape" and str(e.get("value", "")).startswith(DATA_MOUNT))]  # fmt: skip
     template["metadata"]["labels"] = {**template["metadata"].get("labels", {}),
                                       **{k: labels[k] for k in MONITOR_SELECTOR_KEYS}}  # fmt: skip
     return _drop_none({
