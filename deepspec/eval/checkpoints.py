@@ -40,24 +40,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     )
 
 
-def local_path(recipe: Recipe, path: str | Path) -> Path:
-    """A recipe output path on this machine (relative ones under ``storage.root``); refuses ``s3://``.
-
-    For stages that only write local folders; evaluation goes through :func:`locate_checkpoint` and
-    :meth:`RunLayout.local_output` instead, which handle ``s3://`` roots.
-    """
-    from deepspec.layout import RunLayout
-    from deepspec.storage import is_s3
-
-    text = RunLayout.from_recipe(recipe).resolve(str(path))
-    if is_s3(text):
-        raise ValueError(
-            f"{text}: this stage writes local paths only; sync s3:// storage to a local folder first "
-            "(or mount the volume) and pass that path"
-        )
-    return Path(text)
-
-
 def locate_checkpoint(layout: RunLayout, checkpoint: str | Path) -> tuple[str, Path]:
     """(where the step checkpoint lives, a local folder holding it) for a ``--checkpoint`` argument.
 

@@ -70,14 +70,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from deepspec.config import load_recipe
     from deepspec.data.template import render_prompt, template_kwargs
-    from deepspec.eval.checkpoints import load_target_and_draft, load_tokenizer, local_path
+    from deepspec.eval.checkpoints import load_target_and_draft, load_tokenizer
     from deepspec.eval.runner import stop_token_ids
     from deepspec.export.exporter import export_draft, smoke_test
+    from deepspec.layout import RunLayout
 
     recipe = load_recipe(args.config, args.overrides)
     fmt = args.format or recipe.export.format
     force = args.force or recipe.export.force
-    out = Path(args.output) if args.output else local_path(recipe, recipe.export.output_dir)
+    layout = RunLayout.from_recipe(recipe)
+    destination = layout.resolve(args.output) if args.output else layout.export_dir
     target, draft, ckpt = load_target_and_draft(recipe, args.checkpoint, args.device)
     tokenizer = load_tokenizer(target)
     kwargs = template_kwargs(recipe.regeneration, thinking=recipe.evaluation.thinking)
@@ -107,13 +109,24 @@ def run(args: argparse.Namespace) -> int:
         "target_revision": recipe.target.revision,
     }
     try:
-        path = export_draft(draft, out, fmt, provenance, gate=gate, target_model=recipe.target.model)
+        # A local folder in every case; for an s3:// destination it is uploaded once the export passed.
+        with layout.local_output(destination) as out:
+            path = export_draft(
+                draft,
+                out,
+                fmt,
+                provenance,
+                gate=gate,
+                target_model=recipe.target.model,
+                served_from=destination,
+            )
+            readme = (path / "README.md").read_text(encoding="utf-8")
     except _SmokeRefused:
         print(
             f"error: refusing to export {ckpt}: below export.min_smoke_accept_length {floor} or the {fmt} "
             f"drafter disagrees with ours (an untrained or broken draft); pass --force to export anyway"
         )
         return 3
-    print(f"exported {draft.algorithm} ({fmt}) to {path}: passes every {fmt} rule. Serve it with:")
-    print("  " + (path / "README.md").read_text(encoding="utf-8").split("```\n")[1].strip())
+    print(f"exported {draft.algorithm} ({fmt}) to {destination}: passes every {fmt} rule. Serve it with:")
+    print("  " + readme.split("```\n")[1].strip())
     return 0

@@ -198,11 +198,14 @@ def export_draft(
     dtype: torch.dtype = torch.bfloat16,
     gate: Callable[[Path], dict[str, Any]] | None = None,
     target_model: str = "TARGET",
+    served_from: str | None = None,
 ) -> Path:
     """Convert for engine ``fmt``, write to a temporary folder, check, gate, then move into ``out_dir``.
 
     gate: called with the written folder; returns provenance entries (e.g. the smoke result) and raises to
-    refuse the export. target_model: what the launch line in README.md serves as the target.
+    refuse the export. target_model: what the launch line in README.md serves as the target. served_from:
+    where the engine will read the draft when that is not ``out_dir`` (an ``s3://`` export is written in a
+    local folder, then uploaded).
     """
     out = Path(out_dir)
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
@@ -216,7 +219,7 @@ def export_draft(
         if record:
             cfg["deepspec"] = {**cfg.get("deepspec", {}), "export": record}
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        line = launch_lines(cfg, fmt, str(out.resolve()), target_model)
+        line = launch_lines(cfg, fmt, served_from or str(out.resolve()), target_model)
         (tmp / "README.md").write_text(readme(cfg, fmt, line), encoding="utf-8")
     except Exception:
         shutil.rmtree(tmp, ignore_errors=True)
