@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import boto3
-import pytest
 import yaml
 
 from deepspec.cli import main
