@@ -398,6 +398,7 @@ class Reconciler:
             if self._hold_for_manual_retrain():
                 raise _Stop
             self._start_run(run_id, ids)
+        st.conditions = [c for c in st.conditions if c.type != "RetrainRequired"]  # not waiting (any more)
         retried = self._handle_retry_request()
         self.compare_on_new_target = bool(
             st.serving.runId

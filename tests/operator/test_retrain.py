@@ -338,6 +338,11 @@ async def test_manual_policy_waits_for_the_retrain_annotation(
     assert cond(held, "RetrainRequired")["status"] == "True"
     assert "deepspec.io/retrain" in cond(held, "RetrainRequired")["message"]
     assert [e["reason"] for e in events(cluster)].count("RetrainRequired") == 1
+    await bump(op, "main")  # reverted in Git: nothing waits any more
+    reverted = await op.tick()
+    assert "RetrainRequired" not in {c["type"] for c in reverted["status"]["conditions"]}
+    await bump(op, "v2")
+    assert cond(await op.tick(), "RetrainRequired")["status"] == "True"
     await op.spec_patch({}, annotations={"deepspec.io/retrain": "1"})
     started = await op.tick()
     assert started["status"]["run"]["id"] != first.run_id
