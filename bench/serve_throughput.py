@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 
-def build_random_model(tiny: bool, out: Path) -> str:
+def build_random_model(tiny: bool, out: Path, vocab_size: int = 49152) -> str:
     """A random Llama of SmolLM2-135M's shape (or tiny) plus a small word-level tokenizer, saved to ``out``."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -64,7 +64,7 @@ def build_random_model(tiny: bool, out: Path) -> str:
         )
     )
     config = LlamaConfig(
-        vocab_size=49152,
+        vocab_size=vocab_size,  # >= the 2,003 tokens of the word-level tokenizer
         max_position_embeddings=8192,
         bos_token_id=1,
         eos_token_id=2,

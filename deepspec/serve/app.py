@@ -87,6 +87,7 @@ class EngineCollector:
             "deepspec_requests": ("requests admitted", stats["requests"]),
             "deepspec_generation_tokens": ("completion tokens produced", stats["generated_tokens"]),
             "deepspec_decode_steps": ("decode steps run", stats["steps"]),
+            "deepspec_prefill_batches": ("prefills run (each admits one or more requests)", stats["batches"]),
             "deepspec_decode_step_seconds": ("time spent in decode steps", stats["step_seconds"]),
         }
         for name, (doc, value) in counters.items():
@@ -161,10 +162,8 @@ def create_app(
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BadRequest(f"request body is not valid JSON: {e}") from e
         req = parse_chat_request(body, names)
-        try:
-            prompt = await asyncio.to_thread(
-                render_prompt, engine.tokenizer, req.messages, req.chat_template_kwargs, req.tools
-            )
+        try:  # in the event loop: a thread hop per request costs more than it saves (the GIL)
+            prompt = render_prompt(engine.tokenizer, req.messages, req.chat_template_kwargs, req.tools)
         except TemplateError as e:
             raise BadRequest(str(e), "messages") from e
         room = engine.room_for(len(prompt))

@@ -37,6 +37,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch-wait-ms", type=float, default=20.0, help="when idle, how long to gather the first requests"
     )
     parser.add_argument(
+        "--refill-min",
+        type=int,
+        help="while requests run, admit new ones once this many slots are free (one prefill for all; "
+        "default: max-batch-size / 8)",
+    )
+    parser.add_argument(
         "--max-model-len",
         type=int,
         help="tokens per request, prompt + answer (default: the model's context, at most 4096)",
@@ -73,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
+        refill_min=args.refill_min,
         max_model_len=args.max_model_len,
         request_log=args.request_log,
         served_model_name=args.served_model_name,

@@ -45,6 +45,7 @@ def build_app(
     device: str = "auto",
     max_batch_size: int = 32,
     batch_wait_ms: float = 20.0,
+    refill_min: int | None = None,
     max_model_len: int | None = None,
     request_log: str | None = None,
     served_model_name: str | None = None,
@@ -60,6 +61,7 @@ def build_app(
         dtype=target.dtype,
         max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms,
+        refill_min=refill_min,
         max_model_len=max_model_len,
         trust_remote_code=target.trust_remote_code,
     )

@@ -5,13 +5,16 @@ which returns a ``concurrent.futures.Future``. One worker thread owns the model 
 :class:`~deepspec.decode.DecodeCore` of ``max_batch_size`` cache rows (slots). Each iteration it
 
 1. admits waiting requests into free slots (one right-padded prefill for all of them; when nothing
-   is running it first waits up to ``batch_wait_ms`` to gather a wave);
+   is running it first waits up to ``batch_wait_ms`` to gather a wave). While rows are running it
+   refills only once at least ``refill_min`` slots are free (default: an eighth of the slots):
+   answers end at different lengths, and a prefill per finished row (an eager forward, many times
+   the cost of a graph-replayed step on a GPU) would otherwise run almost every step;
 2. runs one decode step for every running row (one token each; a CUDA graph per batch-size bucket
    on a GPU);
 3. samples every row's next token on the device with the row's own parameters and generator
    (:func:`deepspec.decode.sampling.filtered_probs`), then, on the host, appends it, streams the new
    text to the request's listener, and finishes rows that hit end-of-sequence, a stop string,
-   ``max_tokens`` or the cache length. A finished row frees its slot for the next request at once.
+   ``max_tokens`` or the cache length. A finished row frees its slot for the next refill.
 
 Every row keeps its own temperature, top_p, top_k, min_p, seed, stop strings and max_tokens. A
 row's random numbers come from its own generator and its tokens from its own cache row, so a seeded
@@ -181,14 +184,19 @@ class GenerationEngine(QueueWorker):
         trust_remote_code: bool = False,
         max_model_len: int | None = None,
         cuda_graphs: bool | None = None,
+        refill_min: int | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if refill_min is not None and not 1 <= refill_min <= max_batch_size:
+            raise ValueError(f"refill_min must be between 1 and max_batch_size ({max_batch_size})")
         self.model_path = model_path
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_ms / 1000.0
+        # free slots that trigger a refill while rows are running (one prefill for several requests)
+        self.refill_min = refill_min or max(1, max_batch_size // 8)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.tokenizer.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(
@@ -259,7 +267,7 @@ class GenerationEngine(QueueWorker):
         """Generate for tokenised prompts, each with its own parameters (synchronous; tests, benches).
 
         Runs the same continuous-batching loop as the server, in the calling thread: at most
-        ``max_batch_size`` rows at once, a finished row's slot taken by the next prompt.
+        ``max_batch_size`` rows at once, freed slots refilled from the next prompts (``refill_min``).
         """
         jobs = [_Job(p, s) for p, s in zip(prompts, params, strict=True)]
         pending = list(jobs)
@@ -302,8 +310,8 @@ class GenerationEngine(QueueWorker):
         rows: dict[int, _Row] = {}
         stopping = False
         while True:
-            if not stopping:
-                free = self.max_batch_size - len(rows)
+            free = self.max_batch_size - len(rows)
+            if not stopping and (not rows or free >= self.refill_min):
                 jobs = take(not rows and not until_idle, free)
                 if jobs is None:
                     stopping = True

@@ -6,6 +6,7 @@ import threading
 
 import httpx
 import openai
+import pytest
 
 from deepspec.data import render_prompt
 from deepspec.serve import serve_app
@@ -40,6 +41,31 @@ def test_seeded_request_is_the_same_whatever_it_is_batched_with(tiny_model_dir):
         got = eng.generate(prompts, params)[place]
         assert got.token_ids == alone.token_ids, f"seeded row changed at place {place}"
     assert eng.stats["max_batch"] == 2 and eng.stats["batches"] > len(others)  # slots were refilled
+
+
+def test_freed_slots_are_refilled_together_with_the_same_results(tiny_model_dir):
+    # answers end at different lengths; with refill_min = 4 of 4 slots the engine waits until every
+    # slot is free and admits four requests in one prefill (2 prefills for 8 requests), where
+    # refill_min = 1 prefills again as each row finishes. Every request's tokens are the same.
+    lengths = [2, 5, 3, 7, 4, 6, 2, 5]
+    params = [SamplingParams(temperature=0.9, seed=i, max_tokens=n) for i, n in enumerate(lengths)]
+    results, prefills = {}, {}
+    for refill_min in (1, 4):
+        eng = GenerationEngine(tiny_model_dir, device="cpu", max_batch_size=4, refill_min=refill_min)
+        eng.eos_ids = []  # every request generates exactly max_tokens
+        out = eng.generate([ids(eng, MSGS if i % 2 else OTHER) for i in range(len(lengths))], params)
+        results[refill_min] = [c.token_ids for c in out]
+        prefills[refill_min] = eng.stats["batches"]
+    assert [len(t) for t in results[4]] == lengths
+    assert results[4] == results[1]
+    assert prefills[4] == 2 and prefills[1] > 2
+    with pytest.raises(ValueError, match="refill_min"):
+        GenerationEngine(tiny_model_dir, device="cpu", max_batch_size=4, refill_min=5)
+
+
+def test_default_refill_is_an_eighth_of_the_slots(tiny_model_dir):
+    assert GenerationEngine(tiny_model_dir, device="cpu", max_batch_size=64).refill_min == 8
+    assert GenerationEngine(tiny_model_dir, device="cpu", max_batch_size=4).refill_min == 1
 
 
 def test_every_sampling_parameter_is_honoured_under_continuous_batching(tiny_model_dir):
