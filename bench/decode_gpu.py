@@ -8,11 +8,15 @@
     tokens as the eager dynamic-cache path, speculative and plain, at batch 1 and batch 4, and the
     batched rows equal the single-prompt results;
   * a tiny peaked target (vocabulary 8), T = 1, batch 100 in lockstep on CUDA graphs: the first
-    three tokens follow the target's exact joint distribution (chi-square, p > 1e-3).
+    three tokens follow the target's exact joint distribution (chi-square, p > 1e-3);
+  * the batched Eagle3 drafter on CUDA graphs (draft step and commit captured) gives the same tokens
+    as the per-row eager Eagle3 drafters (T = 0, batch 1 and 4), and the same T = 1 chi-square holds
+    with it.
 
 ``speed`` (bf16, random weights of the exact shapes; an untrained draft accepts ~nothing, so round
 and step times are the figures, not the speedup): plain transformers ``generate`` (dynamic cache)
-against our plain decode and speculative rounds, batch 1 and batched.
+against our plain decode and speculative rounds, batch 1 and batched; Eagle3 both ways: the batched
+drafter (one captured draft forward for all rows) and the old per-row eager drafters.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -48,9 +53,21 @@ def repetitive_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[
 # ------------------------------------------------------------------------------------------- check
 
 
-def check() -> None:
+def chi2_pvalue(samples: list[tuple[int, ...]], joint: dict[tuple[int, ...], float]) -> float:
+    """Chi-square p-value of ``samples`` against the exact ``joint`` (outcomes expected < 5 times pooled)."""
     from scipy.stats import chisquare
 
+    n_runs = len(samples)
+    counts: dict[tuple[int, ...], int] = {}
+    for s in samples:
+        counts[s] = counts.get(s, 0) + 1
+    big = [k for k, p in joint.items() if p * n_runs >= 5]
+    obs = [counts.get(k, 0) for k in big] + [n_runs - sum(counts.get(k, 0) for k in big)]
+    exp = [joint[k] * n_runs for k in big] + [n_runs - sum(joint[k] * n_runs for k in big)]
+    return float(chisquare(obs, exp).pvalue)
+
+
+def check() -> None:
     from deepspec.eval.drafters import NGramDrafter, RandomDrafter
     from deepspec.eval.engine import EngineConfig, SpeculativeEngine, prompt_generator
     from deepspec.testing.shapes import random_target
@@ -107,16 +124,55 @@ def check() -> None:
         gens = [prompt_generator(0, "gpu-check", i, dev) for i in range(start, start + batch)]
         samples += [tuple(r.tokens[:3]) for r in eng.generate_batch([prompt] * batch, gens)]
     assert eng.core is not None and eng.core.cuda_graphs and eng.core.graph_replays > 0
-    counts: dict[tuple[int, ...], int] = {}
-    for s in samples:
-        counts[s] = counts.get(s, 0) + 1
-    big = [k for k, p in joint.items() if p * n_runs >= 5]
-    obs = [counts.get(k, 0) for k in big] + [n_runs - sum(counts.get(k, 0) for k in big)]
-    exp = [joint[k] * n_runs for k in big] + [n_runs - sum(joint[k] * n_runs for k in big)]
-    pvalue = float(chisquare(obs, exp).pvalue)
+    pvalue = chi2_pvalue(samples, joint)
     assert pvalue > 1e-3, f"T=1 samples do not follow the target (p = {pvalue:.2e})"
     print(f"check T=1 tiny peaked target, batch {batch} on CUDA graphs: chi-square p = {pvalue:.3f} (> 1e-3)")
+    check_batched_eagle3(target, prompts, tiny, prompt, joint)
     print("CHECK PASSED")
+
+
+def check_batched_eagle3(target, prompts, tiny, prompt, joint) -> None:
+    """The batched Eagle3 drafter on CUDA graphs against per-row eager drafters (T = 0), and at T = 1."""
+    from deepspec.config import draft_model_config
+    from deepspec.eval.engine import EngineConfig, SpeculativeEngine, prompt_generator
+    from deepspec.models import build_draft
+
+    torch.manual_seed(0)
+    draft = build_draft(draft_model_config(algorithm="eagle3"), target).eval()
+    cfg = EngineConfig(num_proposals=7, temperature=0.0, max_new_tokens=64)
+    fast = SpeculativeEngine(target, draft.as_drafter(target), cfg)
+    slow = SpeculativeEngine(
+        target,
+        draft.as_drafter(target),
+        replace(cfg, batched_drafter=False, cuda_graphs=False),
+        drafter_factory=lambda: draft.as_drafter(target),
+    )
+    for batch in (1, 4):
+        got = [r.tokens for r in fast.generate_batch(prompts[:batch])]
+        assert got == [r.tokens for r in slow.generate_batch(prompts[:batch])], (
+            f"batched eagle3, batch {batch}"
+        )
+    bdraft = fast._batched[1]
+    assert bdraft.cuda_graphs and bdraft.graph_replays > 0, "the batched Eagle3 step was not captured"
+    print(
+        f"check T=0 batched eagle3 on CUDA graphs == per-row eager eagle3, batch 1 and 4 "
+        f"({bdraft.graph_replays} draft graph replays, shapes {bdraft.graph_shapes})"
+    )
+    n_runs, batch = 1500, 100
+    tiny_draft = build_draft(draft_model_config(algorithm="eagle3"), tiny).eval()
+    eng = SpeculativeEngine(
+        tiny, tiny_draft.as_drafter(tiny), EngineConfig(num_proposals=3, temperature=1.0, max_new_tokens=3)
+    )
+    samples = []
+    for start in range(0, n_runs, batch):
+        gens = [prompt_generator(0, "gpu-check-eagle3", i, "cuda") for i in range(start, start + batch)]
+        samples += [tuple(r.tokens[:3]) for r in eng.generate_batch([prompt] * batch, gens)]
+    assert eng._batched[1].cuda_graphs and eng._batched[1].graph_replays > 0
+    pvalue = chi2_pvalue(samples, joint)
+    assert pvalue > 1e-3, (
+        f"T=1 samples with the batched eagle3 drafter do not follow the target (p = {pvalue:.2e})"
+    )
+    print(f"check T=1 batched eagle3 on CUDA graphs, batch {batch}: chi-square p = {pvalue:.3f} (> 1e-3)")
 
 
 # ------------------------------------------------------------------------------------------- speed
@@ -188,9 +244,13 @@ def speed(args: argparse.Namespace) -> dict:
         cfg = EngineConfig(
             num_proposals=7, temperature=0.0, max_new_tokens=args.new_tokens, stop_token_ids=()
         )
-        eagle = SpeculativeEngine(
-            target, draft.as_drafter(target), cfg, drafter_factory=lambda d=draft, t=target: d.as_drafter(t)
+        eagle = SpeculativeEngine(  # the old path: one eager per-row drafter per row
+            target,
+            draft.as_drafter(target),
+            replace(cfg, batched_drafter=False),
+            drafter_factory=lambda d=draft, t=target: d.as_drafter(t),
         )
+        eagle_batched = SpeculativeEngine(target, draft.as_drafter(target), cfg)  # one draft forward, graphs
         ngram = SpeculativeEngine(
             target,
             NGramDrafter(target.vocab_size),
@@ -217,6 +277,14 @@ def speed(args: argparse.Namespace) -> dict:
                         **ours(eagle, prompts, spec=True),
                     }
                 )
+            rows.append(
+                {
+                    "shape": shape,
+                    "what": "ours spec eagle3 batched (untrained)",
+                    **ours(eagle_batched, prompts, spec=True),
+                    "draft_graphs": len(eagle_batched._batched[1].graph_shapes),
+                }
+            )
             rows.append({"shape": shape, "what": "ours spec ngram", **ours(ngram, prompts, spec=True)})
             for r in rows[first:]:
                 print(json.dumps(r), flush=True)
@@ -226,6 +294,7 @@ def speed(args: argparse.Namespace) -> dict:
             tables = []
             for name, run in (
                 ("eagle3 (untrained) speculative, batch 1", eagle.generate_batch),
+                ("batched eagle3 (untrained) speculative, batch 1", eagle_batched.generate_batch),
                 ("plain decode, batch 1", eagle.generate_plain_batch),
             ):
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -235,7 +304,7 @@ def speed(args: argparse.Namespace) -> dict:
                 tables.append(f"== {name}: {args.new_tokens} new tokens ==\n{table}")
                 print(tables[-1][:3000])
             Path(args.profile).write_text("\n\n".join(tables), encoding="utf-8")
-        del eagle, ngram, draft, target
+        del eagle, eagle_batched, ngram, draft, target
         torch.cuda.empty_cache()
     return {
         "device": torch.cuda.get_device_name(),
@@ -271,10 +340,10 @@ def main() -> int:
         check()
         return 0
     result = speed(args)
-    print(f"{'shape':<9} {'what':<30} {'B':>3} {'tok/s':>10} {'ms/round':>9} {'tau':>6}")
+    print(f"{'shape':<9} {'what':<38} {'B':>3} {'tok/s':>10} {'ms/round':>9} {'tau':>6}")
     for r in result["rows"]:
         print(
-            f"{r['shape']:<9} {r['what']:<30} {r['batch']:>3} {r['tokens_per_s']:>10.1f} {r.get('ms_per_round', r.get('ms_per_step')):>9.3f} {r.get('tau', 1.0):>6.3f}"
+            f"{r['shape']:<9} {r['what']:<38} {r['batch']:>3} {r['tokens_per_s']:>10.1f} {r.get('ms_per_round', r.get('ms_per_step')):>9.3f} {r.get('tau', 1.0):>6.3f}"
         )
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

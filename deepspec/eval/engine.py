@@ -19,8 +19,10 @@ Two KV-cache paths (``EngineConfig.kv_cache``):
 * ``"static"`` (default): the decode core of :mod:`deepspec.decode`: a static cache whose rows
   advance independently, verification and sampling on the device with per-row random streams, and
   CUDA graphs for the fixed-size steps on a GPU. :meth:`SpeculativeEngine.generate_batch` runs ``B``
-  prompts in lockstep (one drafter per row, per-row acceptance); a row's tokens do not depend on
-  the rows beside it, so ``generate`` is ``generate_batch`` of one prompt.
+  prompts in lockstep (per-row acceptance); a row's tokens do not depend on the rows beside it, so
+  ``generate`` is ``generate_batch`` of one prompt. Eagle3 drafts every row in one forward per step
+  (:mod:`deepspec.eval.eagle3_batched`: on the device and, on CUDA, as captured graphs); other
+  drafters run one instance per row.
 * ``"dynamic"``: the eager reference path (transformers' dynamic cache, cropped after each round,
   one prompt at a time), kept to check the static path against.
 """
@@ -36,9 +38,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from deepspec.decode.sampling import row_uniforms, sample_rows, verify_rows
+from deepspec.eval.eagle3_batched import batched_drafter
 from deepspec.eval.kv_cache import crop_cache
 from deepspec.eval.metrics import AcceptanceStats
 from deepspec.eval.sampling import sample_token, verify
+from deepspec.models.eagle3 import Eagle3Drafter
 
 PLAIN_CHUNK = 16  # plain decoding steps queued on the device between two host reads
 
@@ -62,6 +66,8 @@ class EngineConfig:
     record_rounds: bool = False  # keep per-round confidences/acceptance (calibration data)
     kv_cache: Literal["static", "dynamic"] = "static"  # decode core, or the eager reference path
     cuda_graphs: bool | None = None  # None = on CUDA; only with kv_cache="static"
+    # drafters with a batched counterpart (Eagle3, deepspec.eval.eagle3_batched) draft all rows in one forward
+    batched_drafter: bool = True
 
 
 @dataclass
@@ -126,6 +132,7 @@ class SpeculativeEngine:
         self.drafter_factory = drafter_factory  # more drafters for batched decoding (one per row)
         self.device = target.lm_head.weight.device
         self.core: DecodeCore | None = None
+        self._batched: Any = None  # the batched drafter sized for self.core (see _batched_drafter)
 
     # ------------------------------------------------------------------ helpers
     def _sync(self) -> None:
@@ -212,6 +219,8 @@ class SpeculativeEngine:
             raise ValueError(
                 "SpeculativeEngine.generate needs a drafter; use generate_plain for the target alone"
             )
+        if drafters is None and self._batched_drafter_usable():
+            return self._lockstep(prompts, generators, None, batched=True)
         if drafters is None:
             if len(prompts) > 1 and self.drafter_factory is None:
                 raise ValueError(
@@ -233,6 +242,36 @@ class SpeculativeEngine:
         return self._lockstep(prompts, generators, None)
 
     # ------------------------------------------------------------------ static path
+    def _batched_drafter_usable(self) -> bool:
+        """Whether the engine's drafter drafts all rows in one forward (and nothing needs per-row proposals:
+        confidence truncation and the prefix scheduler read per-row confidences it does not make)."""
+        return (
+            self.config.batched_drafter
+            and isinstance(self.drafter, Eagle3Drafter)
+            and self.config.confidence_threshold is None
+            and self.scheduler is None
+        )
+
+    def _batched_drafter(self, core: DecodeCore) -> Any:
+        """The batched drafter sized like ``core`` (rebuilt with it, so its graphs live as long as the core's)."""
+        if self._batched is None or self._batched[0] is not core:
+            self._batched = None  # free the old draft cache first
+            made = batched_drafter(self.drafter, core.rows, core.max_len, self.config.cuda_graphs)
+            self._batched = (core, made)
+        return self._batched[1]
+
+    def _active_uniforms(
+        self, generators: list[torch.Generator | None], active: list[int], n: int, k: int
+    ) -> torch.Tensor:
+        """``[n, k]`` uniforms, drawn from the generators of the ``active`` rows only (zeros elsewhere),
+        so a row's stream does not move once it ended."""
+        u = row_uniforms([generators[b] for b in active], k, self.device)
+        if len(active) < n:
+            full = torch.zeros(n, k, device=self.device)
+            full[torch.tensor(active, device=self.device)] = u
+            u = full
+        return u
+
     def _core(self, rows: int, max_len: int) -> DecodeCore:
         """The decode core, grown (never shrunk) to ``rows`` x ``max_len``; graphs are kept while it fits."""
         from deepspec.decode.core import DecodeCore
@@ -251,10 +290,13 @@ class SpeculativeEngine:
         prompt_list: Sequence[list[int] | torch.Tensor],
         generators: Sequence[torch.Generator | None] | None,
         drafters: list[SpeculativeDrafter] | None,
+        batched: bool = False,
     ) -> list[GenerationResult]:
         """Prefill every row, then rounds of (propose per row, one batched verify step) until all rows end.
 
-        Plain decoding is the same loop with no draft slots. One host transfer per round carries
+        ``batched``: the engine's drafter proposes for all rows in one forward per step
+        (:meth:`_batched_drafter`) instead of ``drafters``. Plain decoding is the same loop with no
+        draft slots. One host transfer per round carries
         every row's accepted count and next token back; rows that ended keep their slot (their
         step results are ignored) until the last row ends.
         """
@@ -268,10 +310,12 @@ class SpeculativeEngine:
         prompts = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompt_list]
         if any(p.numel() == 0 for p in prompts):
             raise ValueError("empty prompt: at least one token is needed")
-        slots = cfg.num_proposals if drafters is not None else 0
+        drafting = drafters is not None or batched
+        slots = cfg.num_proposals if drafting else 0
         sampling = cfg.temperature > 0
         lengths = [int(p.numel()) for p in prompts]
         core = self._core(n, max(lengths) + cfg.max_new_tokens + slots + 2)
+        bdraft = self._batched_drafter(core) if batched else None
         stats = [AcceptanceStats(prompts=1) for _ in range(n)]
         records: list[list[RoundRecord]] = [[] for _ in range(n)]
 
@@ -280,26 +324,44 @@ class SpeculativeEngine:
         if drafters is not None:
             for d in drafters:
                 d.reset()
+        if bdraft is not None:
+            bdraft.reset()
         logits, features = core.prefill(list(range(n)), prompts)
         u = row_uniforms(generators, 1, self.device)[:, 0] if sampling else None
         anchors = sample_rows(logits, cfg.temperature, u).tolist()
         if drafters is not None:
             for d, p, f in zip(drafters, prompts, features, strict=True):
                 d.extend(p.to(self.device), f)
+        if bdraft is not None:
+            for b, (p, f) in enumerate(zip(prompts, features, strict=True)):
+                bdraft.prefill(b, p.to(self.device), f)
         self._sync()
         t1 = time.perf_counter()
 
         outs: list[list[int]] = [[] for _ in range(n)]
         reasons = [self._append(outs[b], [anchors[b]]) for b in range(n)]
-        if drafters is None:
+        if not drafting:
             self._plain_steps(core, outs, reasons, lengths, stats, generators)
+        anchors_dev = torch.tensor(anchors, device=self.device)
         offsets = torch.arange(slots + 1, device=self.device)
         vocab = self.target.vocab_size
         while any(r is None for r in reasons):
             active = [b for b in range(n) if reasons[b] is None]
             drafts = [[] for _ in range(n)]
             kept = [0] * n
-            probs = torch.zeros(n, slots, vocab, device=self.device) if sampling and slots else None
+            per_row_probs = sampling and slots and bdraft is None
+            probs = torch.zeros(n, slots, vocab, device=self.device) if per_row_probs else None
+            if bdraft is not None:  # every row in one forward per step; tokens stay on the device
+                u_draft = self._active_uniforms(generators, active, n, slots) if sampling else None
+                needed = max(lengths) - 1 + slots  # committed pairs + proposals of the longest row
+                proposal = bdraft.propose(anchors_dev, slots, cfg.temperature, u_draft, needed)
+                probs = proposal.probs
+                kept = [slots] * n
+                ids = torch.cat(
+                    [anchors_dev[:, None], proposal.tokens], dim=1
+                )  # a copy: graph outputs are reused
+                for b in active if cfg.record_rounds else ():
+                    records[b].append(RoundRecord(slots, 0, None, slots))
             for b in active if drafters is not None else ():
                 proposal = drafters[b].propose(anchors[b], slots, cfg.temperature, generators[b])
                 raw_g = min(int(proposal.tokens.numel()), slots)
@@ -315,23 +377,32 @@ class SpeculativeEngine:
                             g, 0, conf[:raw_g].float().cpu().tolist() if conf is not None else None, raw_g
                         )
                     )
-            ids_host = [[anchors[b], *drafts[b], *[0] * (slots - kept[b])] for b in range(n)]
-            ids = torch.tensor(ids_host, device=self.device)
+            if bdraft is None:
+                ids_host = [[anchors[b], *drafts[b], *[0] * (slots - kept[b])] for b in range(n)]
+                ids = torch.tensor(ids_host, device=self.device)
             start = torch.tensor(lengths, device=self.device)
             out = core.step(ids, start[:, None] + offsets, max(lengths) + slots + 1)
-            u = row_uniforms([generators[b] for b in active], slots + 1, self.device) if sampling else None
-            if u is not None and len(active) < n:  # rows that ended draw nothing (their streams stay put)
-                full = torch.zeros(n, slots + 1, device=self.device)
-                full[torch.tensor(active, device=self.device)] = u
-                u = full
+            # rows that ended draw nothing (their streams stay put)
+            u = self._active_uniforms(generators, active, n, slots + 1) if sampling else None
             accepted, nxt = verify_rows(
                 ids[:, 1:], torch.tensor(kept, device=self.device), probs, out.logits, cfg.temperature, u
             )
-            acc_host, next_host = torch.stack([accepted, nxt]).tolist()
+            if bdraft is not None:
+                # commit anchor + accepted drafts of the active rows, on the device, before the host read
+                live = torch.zeros(n, dtype=torch.long, device=self.device)
+                live[torch.tensor(active, device=self.device)] = 1
+                bdraft.extend(ids, out.features, (1 + accepted) * live)
+                anchors_dev = nxt
+                host = torch.cat([accepted[:, None], nxt[:, None], ids], dim=1).tolist()
+                acc_host, next_host = [r[0] for r in host], [r[1] for r in host]
+                ids_host = [r[2:] for r in host]
+                drafts = [r[1:] for r in ids_host]
+            else:
+                acc_host, next_host = torch.stack([accepted, nxt]).tolist()
             for b in active:
                 a = acc_host[b]
                 stats[b].add_round(kept[b], a)
-                if cfg.record_rounds and drafters is not None:
+                if cfg.record_rounds and drafting:
                     records[b][-1].accepted = a
                 lengths[b] += 1 + a
                 reasons[b] = self._append(outs[b], [*drafts[b][:a], next_host[b]])
