@@ -9,7 +9,7 @@
 
 The ratio (b)/(a) of completion tokens per second is the HTTP path's efficiency. With a tiny random
 target (the default) the forward is cheap, so per-request and per-token overhead of the server
-dominates: that is where this bench looks. ``--profile`` records the server with py-spy
+dominates: that is where this bench looks. ``--profile`` records the server with py-spy (the thread holding the GIL)
 (``pip install py-spy``) into ``--out``'s folder, as a text summary of the hottest functions.
 
 CPU:  OMP_NUM_THREADS=1 python bench/serve_http.py --requests 256 --concurrency 64 --max-batch-size 32
@@ -52,6 +52,12 @@ def answer_len(i: int, longest: int) -> int:
     """max_tokens of request ``i``: 1/4 to all of ``longest``, standing in for answers that end at
     different lengths (a random target rarely samples end-of-sequence)."""
     return longest // 4 + (i * 97) % (longest - longest // 4 + 1)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 300.0) -> None:
@@ -169,10 +175,12 @@ def main() -> None:
                     raise SystemExit("--profile needs py-spy (pip install py-spy)")
                 raw = out.with_suffix(".pyspy.txt")
                 spy = subprocess.Popen(
-                    [pyspy, "record", "--pid", str(server.pid), "--format", "raw", "-o", str(raw)],
+                    [pyspy, "record", "--gil", "--pid", str(server.pid), "--format", "raw", "-o", str(raw)],
                     stdout=subprocess.DEVNULL,
                 )
+            cpu0, server0 = time.process_time(), cpu_seconds(server.pid)
             http_tokens, http_s, texts = asyncio.run(drive(url + "/v1", model, args))
+            client_cpu, server_cpu = time.process_time() - cpu0, cpu_seconds(server.pid) - server0
             with urllib.request.urlopen(url + "/health") as r:
                 health = json.load(r)
         finally:
@@ -203,6 +211,8 @@ def main() -> None:
             "tokens": http_tokens,
             "seconds": round(http_s, 2),
             "tokens_per_s": round(http_tokens / http_s, 1),
+            "server_cpu_s": round(server_cpu, 2),
+            "client_cpu_s": round(client_cpu, 2),
             "server_stats": health,
         },
         "http_efficiency": round((http_tokens / http_s) / (loop_tokens / loop_s), 3),

@@ -141,3 +141,5 @@ def test_http_streaming_chunks_and_metrics(tiny_model_dir):
     assert 'deepspec_requests_total{model="tiny"} 2.0' in metrics
     assert 'deepspec_generation_tokens_total{model="tiny"} 20.0' in metrics
     assert "deepspec_running_requests" in metrics and "deepspec_queued_requests" in metrics
+    prefills = eng.stats["batches"]
+    assert prefills >= 1 and f'deepspec_prefill_batches_total{{model="tiny"}} {float(prefills)}' in metrics
