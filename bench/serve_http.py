@@ -117,6 +117,11 @@ def main() -> None:
     ap.add_argument(
         "--refill-min", type=int, help="the engine's refill_min (default: its own; 1 = refill every step)"
     )
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="engine loop and server on CPU 0, the client on CPU 1 (the client does not take the server's core)",
+    )
     ap.add_argument("--profile", action="store_true", help="py-spy the server during (b)")
     ap.add_argument("--out", default="bench/results/serve_http_cpu.json")
     args = ap.parse_args()
@@ -128,6 +133,8 @@ def main() -> None:
     from deepspec.target_model.files import resolve_model_path
 
     torch.set_num_threads(args.threads)
+    if args.pin:
+        os.sched_setaffinity(0, {0})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,8 +166,12 @@ def main() -> None:
         cmd = [sys.executable, "-m", "deepspec", "serve", "--model", path, "--device", args.device]
         cmd += ["--max-batch-size", str(args.max_batch_size), "--port", str(port), "--log-level", "warning"]
         cmd += ["--threads", str(args.threads), "--refill-min", str(refill_min)]
+        if args.pin:
+            cmd = ["taskset", "-c", "0", *cmd]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         server = subprocess.Popen(cmd, env=env)
+        if args.pin:
+            os.sched_setaffinity(0, {1})  # the client (this process) from now on
         spy = None
         try:
             url = f"http://127.0.0.1:{port}"
@@ -200,6 +211,7 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
         "refill_min": refill_min,
+        "pinned": args.pin,
         "engine_loop": {
             "tokens": loop_tokens,
             "seconds": round(loop_s, 2),
