@@ -119,7 +119,9 @@ def agreeing_target_and_draft():
 def test_engine_greedy_equals_per_row_path_and_target(agreeing_target_and_draft, batch):
     target, draft = agreeing_target_and_draft
     stops = (47,)  # row 1 stops early, the others run to max_new_tokens
-    cfg = EngineConfig(num_proposals=4, temperature=0.0, max_new_tokens=20, stop_token_ids=stops)
+    cfg = EngineConfig(
+        num_proposals=4, temperature=0.0, max_new_tokens=20, stop_token_ids=stops, record_rounds=True
+    )
     fast, slow = engines(target, draft, cfg)
     prompts = PROMPTS[:batch]
     got = fast.generate_batch(prompts)
@@ -129,6 +131,7 @@ def test_engine_greedy_equals_per_row_path_and_target(agreeing_target_and_draft,
     for g, w, p in zip(got, want, prompts, strict=True):
         assert (g.tokens, g.finish_reason) == (w.tokens, w.finish_reason)
         assert (g.stats.rounds, g.stats.accepted) == (w.stats.rounds, w.stats.accepted)
+        assert g.rounds == w.rounds  # per-round records (proposed, accepted) as on the per-row path
         ref = reference_greedy(target.model, p, 20)
         assert g.tokens == ref[: len(g.tokens)]
     if batch > 1:
