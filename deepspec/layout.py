@@ -143,15 +143,21 @@ class RunLayout:
     def local_output(self, uri: str | Path) -> Iterator[Path]:
         """A local folder to write ``uri``'s files into; for ``s3://`` it is uploaded when the block ends.
 
-        Local: the folder itself (created). S3: a fresh temporary folder whose files are uploaded under the
+        Local: the folder itself (created; removed again if the block raises and left it empty). S3: a fresh temporary folder whose files are uploaded under the
         prefix, then removed. Nothing is uploaded when the block raises, so a failed stage never leaves a
         half-written report behind an old good one.
         """
         text = str(uri)
         if not is_s3(text):
             path = Path(text)
+            existed = path.exists()
             path.mkdir(parents=True, exist_ok=True)
-            yield path
+            try:
+                yield path
+            except BaseException:
+                if not existed and path.is_dir() and not any(path.iterdir()):
+                    path.rmdir()  # a refused or failed stage leaves no empty folder behind
+                raise
             return
         tmp = Path(tempfile.mkdtemp(prefix="deepspec-out-"))
         try:

@@ -92,3 +92,10 @@ def test_resolving_a_resolved_path_changes_nothing(tmp_path, monkeypatch):
         assert layout.resolve(layout.checkpoint()) == layout.checkpoint()
     layout = RunLayout.from_recipe(load_recipe(None, ["storage.root=out/run1"]))
     assert layout.checkpoints == str(tmp_path / "out/run1" / "runs/demo/draft")
+
+
+def test_a_failed_local_block_leaves_no_empty_folder(tmp_path):
+    layout = RunLayout.from_recipe(load_recipe(None, [f"storage.root={tmp_path}"]))
+    with pytest.raises(RuntimeError), layout.local_output(layout.export_dir):
+        raise RuntimeError("refused")
+    assert not Path(layout.export_dir).exists()
