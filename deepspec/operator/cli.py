@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import random
 import sys
 from pathlib import Path
 
@@ -14,6 +15,15 @@ DESCRIPTION = (
     "render FILE: print every child object the builders produce for a DraftTraining YAML; "
     "seed / read-summary: what the operator's small Jobs run inside the cluster."
 )
+
+
+def peering_priority(peering: str | None, priority: int | None) -> int | None:
+    """The explicit priority, or a random one per process when peering: kopf pauses every operator
+    that sees a live peer of the same priority (nolar/kopf kopf/_core/engines/peering.py
+    process_peering_event @ 07cab4686552776327e4ca9c30a1fc68b06e40c1)."""
+    if priority is not None or not peering:
+        return priority
+    return random.SystemRandom().randint(1, 2**31 - 1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--peering",
         help="kopf peering name: several replicas, one active (leader election; needs kopf's peering CRDs)",
+    )
+    run.add_argument(
+        "--priority",
+        type=int,
+        help="kopf peering priority: the highest live one is active (default with --peering: random, "
+        "as replicas with equal priorities all pause, nolar/kopf docs/peering.rst 'Multi-pod operators')",
     )
     crd = sub.add_parser("crd", help="print the generated CRD YAML")
     crd.add_argument(
@@ -189,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
             namespaces=args.namespace,  # [] with clusterwide (kopf 1.45 fails on None)
             standalone=not args.peering,
             peering_name=args.peering,
+            priority=peering_priority(args.peering, args.priority),
             liveness_endpoint=args.liveness,
         )
     )

@@ -52,10 +52,4 @@ each watched namespace (namespaced install).
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
-{{- if .Values.leaderElection.enabled }}
-# kopf peering (one active replica)
-- apiGroups: ["kopf.dev"]
-  resources: ["kopfpeerings"]
-  verbs: ["get", "list", "watch", "patch"]
-{{- end }}
 {{- end -}}
