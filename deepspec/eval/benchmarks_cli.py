@@ -188,14 +188,6 @@ def convert_records(
     return rows, errors
 
 
-def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-
-
 def _download(url: str, timeout: float) -> bytes:
     import httpx
 
@@ -209,6 +201,8 @@ def _download(url: str, timeout: float) -> bytes:
 
 
 def fetch(benchmarks: list[str], out: Path, timeout: float = 120.0, force: bool = False) -> dict[str, int]:
+    from deepspec.storage import atomic_write_jsonl
+
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         print("note: HF_HUB_OFFLINE=1 is set; downloads will still be attempted over HTTPS")
     out.mkdir(parents=True, exist_ok=True)
@@ -225,7 +219,7 @@ def fetch(benchmarks: list[str], out: Path, timeout: float = 120.0, force: bool 
         rows, errors = convert_records(name, records)
         for e in errors[:5]:
             print(f"warning: {e}")
-        write_jsonl(rows, path)
+        atomic_write_jsonl(path, rows)
         counts[name] = len(rows)
         print(f"{name}: {len(rows)} prompts -> {path}" + (f" ({len(errors)} skipped)" if errors else ""))
     return counts

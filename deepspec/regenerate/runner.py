@@ -30,9 +30,9 @@ from deepspec.regenerate.endpoints import EndpointPool
 from deepspec.regenerate.job import RegenerationError, RegenerationJob, file_sha256, load_items
 from deepspec.regenerate.journal import JournalMismatch, JournalWriter, check_fingerprint, load_journal
 from deepspec.regenerate.send import install_uvloop, open_pool, send_records
-from deepspec.regenerate.shards import ShardError, write_jsonl_atomic
+from deepspec.regenerate.shards import ShardError
 from deepspec.regenerate.summary import account, invariant_line
-from deepspec.storage import atomic_write_json
+from deepspec.storage import atomic_write_json, atomic_write_jsonl
 
 __all__ = ["RegenerationError", "RegenerationJob", "regenerate"]
 
@@ -202,13 +202,13 @@ async def _regenerate(job: RegenerationJob) -> dict[str, Any]:
             f"{len(missing)} records were not finished (first index {missing[0]}); re-run to resume"
         )
     ordered = [done[k] for k in mine]
-    write_jsonl_atomic(paths.output, ordered)
+    atomic_write_jsonl(paths.output, ordered)
     errors = [
         {"index": r["index"], "line": r["line"], "id": r["id"], "status": r["status"], "reason": r["error"]}
         for r in ordered
         if r["status"] in ("skipped", "error")
     ]
-    write_jsonl_atomic(paths.errors, errors)
+    atomic_write_jsonl(paths.errors, errors)
 
     wall = time.perf_counter() - t0
     sent = len(mine) - resumed

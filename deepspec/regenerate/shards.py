@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from deepspec.regenerate.summary import account, invariant_line
-from deepspec.storage import atomic_open, atomic_write_json
+from deepspec.storage import atomic_write_json, atomic_write_jsonl
 
 
 class ShardError(ValueError):
@@ -111,16 +111,6 @@ class OutputPaths:
         return OutputPaths(Path(f"{self.base}.shard-{shard.index}-of-{shard.count}.jsonl"))
 
 
-def write_jsonl_atomic(path: Path, records: Any) -> int:
-    """Write records to ``path`` through a temporary file and a rename; returns the count."""
-    n = 0
-    with atomic_open(path, "w") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            n += 1
-    return n
-
-
 def merge_shards(output: str | Path, count: int, *, quiet: bool = False) -> dict[str, Any]:
     """Merge ``<output>.shard-i-of-n.jsonl`` (i = 0..n-1) into ``output`` in input order.
 
@@ -162,7 +152,7 @@ def merge_shards(output: str | Path, count: int, *, quiet: bool = False) -> dict
                 )
 
     try:
-        write_jsonl_atomic(paths.output, interleave())
+        atomic_write_jsonl(paths.output, interleave())
     finally:
         for f in files:
             f.close()
@@ -172,7 +162,7 @@ def merge_shards(output: str | Path, count: int, *, quiet: bool = False) -> dict
             errors += [
                 json.loads(line) for line in sp.errors.read_text(encoding="utf-8").splitlines() if line
             ]
-    write_jsonl_atomic(paths.errors, sorted(errors, key=lambda e: e.get("index", 0)))
+    atomic_write_jsonl(paths.errors, sorted(errors, key=lambda e: e.get("index", 0)))
     summary = account(records, n_total)
     endpoints: dict[str, dict[str, Any]] = {}
     for s in summaries:

@@ -134,16 +134,16 @@ def test_missing_s3_input_is_a_clear_error(
 
 
 def test_an_interrupted_output_write_keeps_the_old_output(tmp_path: Path) -> None:
-    from deepspec.regenerate.shards import write_jsonl_atomic
+    from deepspec.storage import atomic_write_jsonl
 
     out = tmp_path / "regen.jsonl"
-    write_jsonl_atomic(out, [{"index": 0}])
+    atomic_write_jsonl(out, [{"index": 0}])
 
     def failing() -> Any:
         yield {"index": 0}
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        write_jsonl_atomic(out, failing())
+        atomic_write_jsonl(out, failing())
     assert read_jsonl(out) == [{"index": 0}]
     assert [p.name for p in tmp_path.iterdir()] == ["regen.jsonl"], "no temporary file is left"
