@@ -56,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "order. Resume works whatever N was. 'auto' = one per 64 concurrent requests, at most one per "
         "CPU core",
     )
+    parser.add_argument(
+        "--partial",
+        action="store_true",
+        help="send nothing: write the output (and summary) from the records the journal already holds, "
+        "to train on a regeneration that has not finished; the journal is kept, and the same command "
+        "without --partial later finishes the rest",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -127,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
         workers = _workers(args.workers, recipe.regeneration.concurrency, max(1, len(endpoints)))
         input_uri = args.input or layout.dataset  # an input: relative to the working directory
         input_path = fetch_input(layout, input_uri)
-        server: AbstractContextManager[str] = nullcontext("") if endpoints else _embedded_server(target)
+        needs_server = not endpoints and not args.partial
+        server: AbstractContextManager[str] = _embedded_server(target) if needs_server else nullcontext("")
         with server as url:
             job = RegenerationJob(
                 input_path=str(input_path),
@@ -143,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
                 progress=not args.quiet,
                 max_prompt_chars=16 * recipe.data.max_length,
                 workers=workers,
+                partial=args.partial,
             )
             summary = regenerate(job)
         published = output.publish(job.paths, summary, input_uri)

@@ -43,6 +43,7 @@ class RegenerationJob:
     progress: bool = True
     max_prompt_chars: int | None = None  # longer prompts are skipped (the CLI uses 16 x data.max_length)
     workers: int = 1  # client processes (see deepspec.regenerate.workers); 1 = this process only
+    partial: bool = False  # send nothing: write the output from what the journal holds (see runner)
 
     @property
     def paths(self) -> OutputPaths:

@@ -169,7 +169,7 @@ async def _regenerate(job: RegenerationJob) -> dict[str, Any]:
                 done[k] = skipped_record(k, item)
                 writer.append(done[k])
                 progress.update(done[k])
-        todo = [k for k in mine if k not in done]
+        todo = [] if job.partial else [k for k in mine if k not in done]
         n_workers = workers.effective_workers(job, len(todo))
         if todo and n_workers > 1:
             try:
@@ -197,11 +197,13 @@ async def _regenerate(job: RegenerationJob) -> dict[str, Any]:
             await pool.close()
 
     missing = [k for k in mine if k not in done]
-    if missing:
+    if missing and not job.partial:
         raise ShardError(
             f"{len(missing)} records were not finished (first index {missing[0]}); re-run to resume"
         )
-    ordered = [done[k] for k in mine]
+    # A partial output holds the finished records only (in input order); the journal stays, so running
+    # the same command without --partial later finishes the rest and rewrites the output in full.
+    ordered = [done[k] for k in mine if k in done]
     atomic_write_jsonl(paths.output, ordered)
     errors = [
         {"index": r["index"], "line": r["line"], "id": r["id"], "status": r["status"], "reason": r["error"]}
@@ -212,9 +214,11 @@ async def _regenerate(job: RegenerationJob) -> dict[str, Any]:
 
     wall = time.perf_counter() - t0
     sent = len(mine) - resumed
-    summary = account(ordered, len(mine))
+    summary = account(ordered, len(ordered))
     summary.update(
         {
+            "partial": bool(missing),
+            "unfinished": len(missing),
             "input_total": n_total,
             "shard": str(job.shard) if job.shard else None,
             "input_path": job.input_path,
@@ -233,4 +237,9 @@ async def _regenerate(job: RegenerationJob) -> dict[str, Any]:
     atomic_write_json(paths.summary, summary)
     if job.progress:
         print(f"{paths.output}: {invariant_line(summary)}", file=sys.stderr)
+    if missing:
+        log.warning(
+            "partial output: %d of %d records (%d unfinished); run without --partial to finish them",
+            len(ordered), len(mine), len(missing),
+        )  # fmt: skip
     return summary
