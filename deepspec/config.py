@@ -339,6 +339,13 @@ class TrainingConfig(StrictModel):
     )
     epochs: float = Field(10, gt=0, description="Passes over the data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    time_budget_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="Fit the run into a time slot: once the first steps are timed, the planned step count "
+        "is cut to what fits (so the learning-rate schedule still completes), and the run stops with a "
+        "checkpoint when the budget is spent. Counts from this process's first step.",
+    )
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     precision: Literal["bf16", "fp32"] = Field("bf16", description="Autocast precision (fp32 on CPU).")
     parallelism: Literal["ddp", "fsdp2"] = Field("ddp", description="Data parallelism under torchrun.")
@@ -395,6 +402,11 @@ class EvaluationConfig(StrictModel):
     thinking: bool = Field(False, description="chat_template_kwargs.enable_thinking during evaluation.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature (0 = greedy).")
     num_proposals: int = Field(7, ge=1, description="Draft tokens proposed per verification round.")
+    batched_drafter: bool = Field(
+        True,
+        description="Draft all rows of a batch in one (CUDA-graph) forward where the drafter has a batched "
+        "form (Eagle3); false: one eager drafter per row (slower; the same tokens).",
+    )
     max_new_tokens: int = Field(2048, ge=1)
     output_dir: str = Field("runs/demo/eval", description="Report directory (JSON, Markdown, PNG).")
     gate: GateConfig = Field(default_factory=GateConfig)

@@ -62,6 +62,14 @@ DraftFactory = Callable[[Any, TargetModel], nn.Module]
 # --------------------------------------------------------------------------------------------------
 
 
+# training.time_budget_minutes: steps skipped (compilation, allocator warm-up), then steps timed, before
+# the plan is cut to what fits; the share of the rest of the budget that the plan may use (the rest is
+# margin for checkpoints and slower steps).
+BUDGET_WARMUP_STEPS = 2
+BUDGET_TIMED_STEPS = 10
+BUDGET_USABLE = 0.95
+
+
 def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
     """Linear warmup to 1, then cosine down to ``min_ratio``."""
 
@@ -199,6 +207,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(warmup, self.total_steps, tc.min_lr_ratio)
         )
+        self.clock: Callable[[], float] = time.perf_counter  # the time budget's clock (tests replace it)
         self.step = 0
         self.tokens_seen = 0  # real tokens of all ranks, up to the last log line or checkpoint
         self._tokens_pending = 0  # this rank's real tokens since then
@@ -502,23 +511,97 @@ class Trainer:
         self.last_metrics: dict[str, Any] = {}
         stats = StepStats()
         self.model.train()
+        budget = _TimeBudget(tc.time_budget_minutes, self.step, self.clock)
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             self.train_step(stats)
             stats.time += time.perf_counter() - t0
+            spent = budget.after_step(self.step)
+            if budget.timed_step_s is not None and not budget.planned:
+                self._fit_to_budget(budget, bar)
+            stop = budget.enabled and self._all_ranks_agree(spent)
+            last = self.step == self.total_steps or stop
             if bar is not None:
                 bar.update(1)
-            if self.step % tc.log_every == 0 or self.step == self.total_steps:
+            if self.step % tc.log_every == 0 or last:
                 self._log(stats, bar)
                 stats = StepStats()
-            if self.step % tc.save_every == 0 or self.step == self.total_steps:
+            if self.step % tc.save_every == 0 or last:
                 self.save()
+            if stop:
+                log.warning(
+                    "training.time_budget_minutes (%s) spent: stopped at step %d of %d with a checkpoint",
+                    tc.time_budget_minutes, self.step, self.total_steps,
+                )  # fmt: skip
+                break
         if bar is not None:
             bar.close()
         self.metrics.close()
         return self.last_metrics
 
+    def _fit_to_budget(self, budget: _TimeBudget, bar: Any) -> None:
+        """Cut the planned steps to what the rest of the time budget holds at the timed pace (the slowest
+        rank's), and re-plan the warmup + cosine schedule over them so that it still completes."""
+        budget.planned = True
+        step_s = budget.timed_step_s or 0.0
+        if self.dist.enabled:  # every rank must plan the same number of steps
+            t = torch.tensor([step_s], dtype=torch.float64, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            step_s = float(t.item())
+        fits = self.step + int(BUDGET_USABLE * budget.remaining_s() / max(step_s, 1e-9))
+        if fits >= self.total_steps:
+            return
+        tc = self.recipe.training
+        log.warning(
+            "training.time_budget_minutes %s: %d planned steps do not fit at %.3f s/step; planning %d",
+            tc.time_budget_minutes, self.total_steps, step_s, max(fits, self.step + 1),
+        )  # fmt: skip
+        self.total_steps = max(fits, self.step + 1)
+        self.scheduler.lr_lambdas = [
+            lr_lambda(int(tc.warmup_ratio * self.total_steps), self.total_steps, tc.min_lr_ratio)
+        ]
+        if bar is not None:
+            bar.total = self.total_steps
+            bar.refresh()
+
+    def _all_ranks_agree(self, flag: bool) -> bool:
+        """``flag`` on any rank (so that all ranks stop at the same step)."""
+        if not self.dist.enabled:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
     def close(self) -> None:
         if self.dist.enabled and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+class _TimeBudget:
+    """Wall-clock accounting of ``training.time_budget_minutes`` from the first step of this process."""
+
+    def __init__(self, minutes: float | None, first_step: int, clock: Callable[[], float]) -> None:
+        self.enabled = minutes is not None
+        self.budget_s = 60.0 * minutes if minutes is not None else math.inf
+        self.first_step = first_step
+        self.clock = clock
+        self.start = clock()
+        self.timed_from: float | None = None
+        self.timed_step_s: float | None = None  # seconds per step over the timed steps
+        self.planned = not self.enabled  # no budget: nothing to plan
+
+    def remaining_s(self) -> float:
+        return self.budget_s - (self.clock() - self.start)
+
+    def after_step(self, step: int) -> bool:
+        """Time the step that just ended; True when the budget is spent."""
+        if not self.enabled:
+            return False
+        now = self.clock()
+        done = step - self.first_step
+        if done == BUDGET_WARMUP_STEPS:
+            self.timed_from = now
+        elif done == BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS and self.timed_from is not None:
+            self.timed_step_s = (now - self.timed_from) / BUDGET_TIMED_STEPS
+        return now - self.start >= self.budget_s
