@@ -46,20 +46,22 @@ def evaluate_batched(
     rank: int = 0,
     world: int = 1,
 ) -> tuple[Results, list[tuple[str, int, RoundRecord]]]:
-    """This rank's share of every benchmark, ``batch_size`` prompts at a time (turn by turn)."""
-    results: Results = {}
+    """This rank's share of every benchmark, ``batch_size`` prompts at a time (turn by turn).
+
+    The prompts of all benchmarks are pooled, so a batch holds ``batch_size`` rows even when a benchmark
+    has fewer prompts (the sweep's large sizes); each row's counters go to its own benchmark."""
+    pool = [p for prompts in benchmarks.values() for p in prompts if p.index % world == rank]
+    results: Results = {
+        name: (AcceptanceStats(), AcceptanceStats() if settings.baseline else None) for name in benchmarks
+    }
     records: list[tuple[str, int, RoundRecord]] = []
-    for name, prompts in benchmarks.items():
-        mine = [p for p in prompts if p.index % world == rank]
-        spec_all = AcceptanceStats()
-        base_all = AcceptanceStats() if settings.baseline else None
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start : start + batch_size]
-            spec, base = _decode_chunk(engine, tokenizer, chunk, settings, records, name)
+    for start in range(0, len(pool), batch_size):
+        chunk = pool[start : start + batch_size]
+        for name, (spec, base) in _decode_chunk(engine, tokenizer, chunk, settings, records).items():
+            spec_all, base_all = results[name]
             spec_all += spec
             if base_all is not None:
                 base_all += base
-        results[name] = (spec_all, base_all)
     return results, records
 
 
@@ -69,15 +71,19 @@ def _decode_chunk(
     chunk: list[BenchmarkPrompt],
     settings: RunSettings,
     records: list[tuple[str, int, RoundRecord]],
-    name: str,
-) -> tuple[AcceptanceStats, AcceptanceStats]:
-    """Turn ``k`` of every prompt of the chunk that has one, in one lockstep batch (spec, then plain)."""
+) -> dict[str, tuple[AcceptanceStats, AcceptanceStats]]:
+    """Turn ``k`` of every prompt of the chunk that has one, in one lockstep batch (spec, then plain);
+    the counters summed per benchmark."""
     turns = [p.turns if settings.all_turns else p.turns[:1] for p in chunk]
     device = engine.device
     gen_spec = [prompt_generator(settings.seed, p.benchmark, p.index, device) for p in chunk]
     gen_base = [prompt_generator(settings.seed, p.benchmark, p.index, device) for p in chunk]
     messages: list[list[dict[str, str]]] = [[] for _ in chunk]
-    spec, base = AcceptanceStats(prompts=len(chunk)), AcceptanceStats(prompts=len(chunk))
+    per: dict[str, tuple[AcceptanceStats, AcceptanceStats]] = {}
+    for p in chunk:
+        spec, base = per.setdefault(p.benchmark, (AcceptanceStats(), AcceptanceStats()))
+        spec.prompts += 1
+        base.prompts += 1
     for k in range(max(len(t) for t in turns)):
         rows = [i for i in range(len(chunk)) if k < len(turns[i])]
         for i in rows:
@@ -85,14 +91,36 @@ def _decode_chunk(
         ids = [render_prompt(tokenizer, messages[i], settings.template_kwargs) for i in rows]
         outs = engine.generate_batch(ids, [gen_spec[i] for i in rows])
         if settings.baseline:
-            for out in engine.generate_plain_batch(ids, [gen_base[i] for i in rows]):
-                base += _counters(out.stats)
+            plain = engine.generate_plain_batch(ids, [gen_base[i] for i in rows])
+            for i, out in zip(rows, plain, strict=True):
+                base = per[chunk[i].benchmark][1]
+                base += _counters(out.stats)  # AcceptanceStats adds in place
         for i, out in zip(rows, outs, strict=True):
+            spec = per[chunk[i].benchmark][0]
             spec += _counters(out.stats)
-            records.extend((name, chunk[i].index, r) for r in out.rounds)
+            records.extend((chunk[i].benchmark, chunk[i].index, r) for r in out.rounds)
             answer = tokenizer.decode(out.tokens, skip_special_tokens=True)
             messages[i].append({"role": "assistant", "content": answer})
-    return spec, base
+    return per
+
+
+def sweep_subset(
+    benchmarks: dict[str, list[BenchmarkPrompt]], limit: int | None
+) -> dict[str, list[BenchmarkPrompt]]:
+    """The first ``limit`` prompts taken round-robin across the benchmarks (all of them when ``limit`` is
+    None or not smaller), so that a capped sweep still covers every benchmark."""
+    total = sum(len(v) for v in benchmarks.values())
+    if limit is None or limit >= total:
+        return benchmarks
+    picked: dict[str, list[BenchmarkPrompt]] = {name: [] for name in benchmarks}
+    depth, left = 0, limit
+    while left:
+        for name, prompts in benchmarks.items():
+            if left and depth < len(prompts):
+                picked[name].append(prompts[depth])
+                left -= 1
+        depth += 1
+    return {name: prompts for name, prompts in picked.items() if prompts}
 
 
 def _counters(stats: AcceptanceStats) -> AcceptanceStats:
@@ -129,18 +157,27 @@ def batch_sweep(
     sizes: list[int],
     first: Results,
     out: Path,
+    max_prompts: int | None = None,
 ) -> str:
-    """Evaluate ``sizes[1:]`` (``first`` holds the results at ``sizes[0]``); write ``batch_sweep.json``
-    and ``speedup_vs_batch.png``. Returns the Markdown section (also appended to ``report.md``)."""
-    rows = [sweep_row(sizes[0], first)]
-    for b in sizes[1:]:
-        results, _ = evaluate_batched(engine, tokenizer, benchmarks, settings, b)
+    """Evaluate every size (``first`` holds the results at ``sizes[0]`` on all prompts); write
+    ``batch_sweep.json`` and ``speedup_vs_batch.png``. Returns the Markdown section (also appended to
+    ``report.md``). With ``max_prompts`` every size, the first one too, decodes the same
+    :func:`sweep_subset` (batch 1 over the whole suite can take longer than the rest together)."""
+    subset = sweep_subset(benchmarks, max_prompts)
+    rows = [] if subset is not benchmarks else [sweep_row(sizes[0], first)]
+    for b in sizes[len(rows) :]:
+        results, _ = evaluate_batched(engine, tokenizer, subset, settings, b)
         rows.append(sweep_row(b, results))
+    n_prompts = sum(len(v) for v in subset.values())
+    for r in rows:
+        r["prompts"] = n_prompts
     (out / "batch_sweep.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n", encoding="utf-8")
     plot_speedup(rows, out / "speedup_vs_batch.png")
     lines = [
         "",
         "## Speedup against batch size",
+        "",
+        f"{n_prompts} prompts at every batch size (taken round-robin across the benchmarks).",
         "",
         "| batch size | accepted length | spec tokens/s | plain tokens/s | speedup |",
         "|---:|---:|---:|---:|---:|",

@@ -68,6 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated batch sizes (e.g. 1,8,32): decode that many prompts in lockstep and "
         "report accepted length and speedup per size (one process)",
     )
+    parser.add_argument(
+        "--sweep-prompts",
+        type=int,
+        metavar="N",
+        help="with several --batch-size values: the speedup sweep decodes the same N prompts (round-robin "
+        "across the benchmarks) at every size, the main report still all prompts (default: all)",
+    )
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument(
         "--select",
@@ -107,6 +114,7 @@ def options_from_args(args: argparse.Namespace) -> EvalOptions:
         progress=not args.no_progress,
         baseline_accept_length=args.baseline_accept_length,
         batch_sizes=parse_batch_sizes(args.batch_size) if args.batch_size else None,
+        sweep_prompts=args.sweep_prompts,
     )
 
 

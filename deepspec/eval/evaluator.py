@@ -73,6 +73,7 @@ class EvalOptions:
     progress: bool = True
     baseline_accept_length: float | None = None  # the gate's max_drop reference
     batch_sizes: list[int] | None = None  # lockstep batched decoding, one evaluation per size (sweep)
+    sweep_prompts: int | None = None  # the sweep decodes this many prompts at every size (None: all)
 
 
 @dataclass
@@ -195,6 +196,7 @@ class Evaluator:
             stop_token_ids=stop_token_ids(self.tokenizer, self.target.config),
             confidence_threshold=self.options.confidence_threshold,
             record_rounds=self.options.calibrate,
+            batched_drafter=ev.batched_drafter,
         )
         from deepspec.eval.batched import drafter_factory
 
@@ -257,8 +259,9 @@ class Evaluator:
 
                 sizes = self.options.batch_sizes
                 markdown += batch_sweep(
-                    self.engine, self.tokenizer, self.benchmarks, self.settings, sizes, results, out
-                )
+                    self.engine, self.tokenizer, self.benchmarks, self.settings, sizes, results, out,
+                    self.options.sweep_prompts,
+                )  # fmt: skip
         summary = EvalSummary.from_report(report)
         gate = gate_decision(summary, self.recipe.evaluation.gate, self.options.baseline_accept_length)
         return EvalOutcome(report, summary, gate, self.report_dir, markdown)
