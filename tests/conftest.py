@@ -28,7 +28,11 @@ def shared_dir() -> Path:
 
 # --------------------------------------------------------------------------------------------------
 # The real SmolLM2 target, its own answers, and drafts trained on them: built once per session and
-# shared by the learning test (tests/train) and the trained-draft evaluation (tests/eval).
+# shared by the learning test (tests/train), the trained-draft evaluation (tests/eval) and the exports
+# (tests/export). The drafts train from one offline feature cache of the target, written once by
+# `deepspec features --layers union` in float32: the 30-layer target then runs once per sequence
+# (32 forwards) instead of once per sequence per step (3 x 160); that forward was ~60 % of a training
+# step on CPU. tests/features shows that offline losses equal online ones.
 # --------------------------------------------------------------------------------------------------
 
 SMOLLM2_TRAIN_PROMPTS = 32
@@ -103,25 +107,44 @@ def smollm2_regenerated(tmp_path_factory, smollm2_path, shared_dir) -> str:
     return str(out)
 
 
-def smollm2_recipe(model_path: str, data: str, algorithm: str, output_dir: Path):
-    """The small CPU recipe every SmolLM2 training test uses."""
-    from deepspec.config import Recipe
-
-    return Recipe.model_validate({
+def smollm2_recipe_dict(model_path: str, data: str, algorithm: str, output_dir: Path, cache: Path) -> dict:
+    """The small CPU recipe every SmolLM2 training test uses (features read from ``cache``)."""
+    return {
         "target": {"model": model_path},
         "data": {"max_length": 128},
         "regeneration": {"output": data},
+        "features": {"mode": "offline", "cache_path": str(cache), "storage_dtype": "float32"},
         "draft": {"algorithm": algorithm, **SMOLLM2_DRAFTS[algorithm]},
         "training": {"output_dir": str(output_dir), "lr": 3e-3, "warmup_ratio": 0.05,
                      "global_batch_size": 4, "micro_batch_size": 4, "max_steps": SMOLLM2_TRAIN_STEPS,
                      "log_every": 1, "save_every": SMOLLM2_TRAIN_STEPS, "precision": "fp32"},
         "evaluation": {"benchmarks": ["gsm8k"], "max_prompts": 3, "temperature": 0.0, "max_new_tokens": 48},
-    })  # fmt: skip
+    }  # fmt: skip
 
 
 @pytest.fixture(scope="session")
-def smollm2_trained(tmp_path_factory, smollm2_path, smollm2_regenerated):
+def smollm2_features(tmp_path_factory, smollm2_path, smollm2_regenerated) -> Path:
+    """SmolLM2's features of the regenerated data for all three drafts, written by ``deepspec features``."""
+    import yaml
+
+    from deepspec.cli import main
+
+    base = tmp_path_factory.mktemp("smollm2-features")
+    cache = base / "cache"
+    recipe = base / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            smollm2_recipe_dict(smollm2_path, smollm2_regenerated, "eagle3", base / "unused", cache)
+        )
+    )
+    assert main(["features", "-c", str(recipe), "--layers", "union", "--device", "cpu"]) == 0
+    return cache
+
+
+@pytest.fixture(scope="session")
+def smollm2_trained(tmp_path_factory, smollm2_path, smollm2_regenerated, smollm2_features):
     """``smollm2_trained(algorithm) -> (recipe, output_dir)``: trains each algorithm at most once."""
+    from deepspec.config import Recipe
     from deepspec.train.trainer import Trainer
 
     runs: dict[str, tuple] = {}
@@ -129,7 +152,9 @@ def smollm2_trained(tmp_path_factory, smollm2_path, smollm2_regenerated):
     def get(algorithm: str):
         if algorithm not in runs:
             out = tmp_path_factory.mktemp(f"smollm2-{algorithm}")
-            recipe = smollm2_recipe(smollm2_path, smollm2_regenerated, algorithm, out)
+            recipe = Recipe.model_validate(
+                smollm2_recipe_dict(smollm2_path, smollm2_regenerated, algorithm, out, smollm2_features)
+            )
             Trainer(recipe, device="cpu", progress=False).train()
             runs[algorithm] = (recipe, out)
         return runs[algorithm]
@@ -177,7 +202,9 @@ def moto_s3_endpoint():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    saved = {
+        k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+    }
     os.environ.update(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1")
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
