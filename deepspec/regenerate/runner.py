@@ -213,7 +213,7 @@ async def _regenerate(job: RegenerationJob) -> dict[str, Any]:
     atomic_write_jsonl(paths.errors, errors)
 
     wall = time.perf_counter() - t0
-    sent = len(mine) - resumed
+    sent = len(ordered) - resumed  # a partial output sends nothing: ordered is what the journal held
     summary = account(ordered, len(ordered))
     summary.update(
         {

@@ -45,6 +45,7 @@ def test_partial_writes_the_finished_records_then_a_rerun_finishes_the_rest(tmp_
     summary = json.loads((tmp_path / "out" / "regen.summary.json").read_text())
     assert summary["partial"] is True and summary["unfinished"] == N - 10
     assert summary["input"] == 10 and summary["invariant_holds"]
+    assert summary["finished_this_run"] == 0 and summary["resumed_from_journal"] == 10
     assert len((tmp_path / "requests.jsonl").read_text().splitlines()) == sent_before
 
     # The same command without --partial finishes the rest and sends no finished record again.
