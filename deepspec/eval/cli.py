@@ -90,8 +90,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead of evaluating: write a results document (Markdown + plots) into --output from these "
         "report.json files or folders (drafts, the n-gram floor, any temperatures)",
     )
-    parser.add_argument("--commands", help="--compare: file of the commands that made the reports (quoted verbatim)")
+    parser.add_argument(
+        "--commands", help="--compare: file of the commands that made the reports (quoted verbatim)"
+    )
     parser.add_argument("--machine", help="--compare: the machine in words (default: read from this host)")
+    parser.add_argument(
+        "--notes",
+        help="--compare: a hand-written Markdown section (the figures' interpretation), placed after the goals",
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> EvalOptions:
@@ -125,7 +131,9 @@ def parse_batch_sizes(text: str) -> list[int]:
     except ValueError:
         sizes = []
     if not sizes or any(b < 1 for b in sizes):
-        raise SystemExit(f"error: --batch-size {text!r}: give positive integers separated by commas, e.g. 1,8,32")
+        raise SystemExit(
+            f"error: --batch-size {text!r}: give positive integers separated by commas, e.g. 1,8,32"
+        )
     return sizes
 
 
@@ -136,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compare:
         from deepspec.eval.compare import run_compare
 
-        return run_compare(args.compare, args.output, args.commands, args.machine)
+        return run_compare(args.compare, args.output, args.commands, args.machine, args.notes)
     recipe = load_recipe(args.config, args.overrides)
     try:
         if args.select:

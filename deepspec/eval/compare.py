@@ -371,9 +371,12 @@ def machine_line() -> str:
 
 def build_document(
     specs: list[str], out_dir: str | Path, *, name: str = "results.md", commands: str | None = None,
-    machine: str | None = None, title: str = "Results",
+    machine: str | None = None, title: str = "Results", notes: str | None = None,
 ) -> Path:  # fmt: skip
-    """Write the results document and its plots into ``out_dir``; returns the document's path."""
+    """Write the results document and its plots into ``out_dir``; returns the document's path.
+
+    ``notes`` (Markdown) is the one hand-written part: it follows the goals under its own heading, so that
+    a reader can tell the generated figures from their interpretation."""
     reports = [load(s) for s in specs]
     if not reports:
         raise CompareError("give at least one report")
@@ -409,6 +412,9 @@ def build_document(
             f"- **warning**: the reports differ in {', '.join(sorted(mismatch))}: not a like-for-like comparison"
         )
     lines += ["", "## Goals", "", *goals(by_t)]
+    if notes:
+        lines += ["", "## What the figures say (written by hand; everything else here is generated)", "",
+                  notes.strip()]  # fmt: skip
     for t, group in sorted(by_t.items()):
         tag = f"t{t:g}".replace(".", "_")
         lines += ["", f"## Accepted length, T = {t:g}", "", *tau_table(group)]
@@ -462,11 +468,18 @@ def build_document(
     return doc
 
 
-def run_compare(specs: list[str], output: str | None, commands_file: str | None, machine: str | None) -> int:
+def run_compare(
+    specs: list[str],
+    output: str | None,
+    commands_file: str | None,
+    machine: str | None,
+    notes_file: str | None = None,
+) -> int:
     """``deepspec eval --compare``: write the document, print its path."""
     commands = Path(commands_file).read_text(encoding="utf-8") if commands_file else None
+    notes = Path(notes_file).read_text(encoding="utf-8") if notes_file else None
     try:
-        doc = build_document(specs, output or ".", commands=commands, machine=machine)
+        doc = build_document(specs, output or ".", commands=commands, machine=machine, notes=notes)
     except CompareError as e:
         print(f"error: {e}")
         return 2

@@ -95,3 +95,25 @@ def test_a_benchmark_without_rounds_is_not_averaged_as_zero(tmp_path):
     assert "| aime25 | 1 | - |" in doc and "| **macro** | | **3.50** |" in doc
     # positions no round reached have no conditional acceptance: '-', not 0.00
     assert "| eagle3 | 1.00 | 1.00 | 0.50 | 0.00 | - | - | - |" in doc
+
+
+def test_hand_written_notes_follow_the_goals_under_their_own_heading(tmp_path):
+    from deepspec.cli import main
+
+    reports = [_write(tmp_path, "e0", "eagle3", [3, 4, 2, 5]), _write(tmp_path, "n0", "ngram", [1, 0, 2, 1])]
+    notes = tmp_path / "notes.md"
+    notes.write_text("The draft trained for half an epoch.\n")
+    args = [
+        "eval",
+        "--compare",
+        *map(str, reports),
+        "--output",
+        str(tmp_path / "docs"),
+        "--notes",
+        str(notes),
+    ]
+    assert main(args) == 0
+    doc = (tmp_path / "docs" / "results.md").read_text()
+    heading = "## What the figures say (written by hand; everything else here is generated)"
+    assert doc.index("## Goals") < doc.index(heading) < doc.index("The draft trained for half an epoch.")
+    assert doc.index("The draft trained for half an epoch.") < doc.index("## Accepted length, T = 0")
