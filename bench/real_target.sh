@@ -437,12 +437,14 @@ compare() {
   local cmds=$RUN/commands.all.sh
   : >"$cmds"
   for s in setup regen train-eagle3 train-dflash train-dspark select-eagle3 select-dflash select-dspark \
-           eval-eagle3-t0 eval-eagle3-t1 eval-dflash-t0 eval-dflash-t1 eval-dspark-t0 eval-dspark-t1 eval-ngram-t0 eval-ngram-t1; do
+           eval-eagle3-t0 eval-eagle3-t1 eval-dflash-t0 eval-dflash-t1 eval-dspark-t0 eval-dspark-t1 eval-ngram-t0 eval-ngram-t1 sweep-eagle3 sweep-dflash sweep-dspark; do
     [ -f "$RUN/commands/$s.sh" ] && { echo "# $s"; awk '!seen[$0]++' "$RUN/commands/$s.sh"; } >>"$cmds"
   done
   local py=python3; [ -x .venv/bin/python ] && py=.venv/bin/python
+  local notes=()  # the hand-written interpretation, when there is one (docs/results_notes.md)
+  [ -f "$DOCS/results_notes.md" ] && notes=(--notes "$DOCS/results_notes.md")
   $py -m deepspec eval --compare "${reports[@]}" --output "$DOCS" --commands "$cmds" \
-    --machine "$(cat "$RUN/machine.txt" 2>/dev/null || echo unknown)"
+    --machine "$(cat "$RUN/machine.txt" 2>/dev/null || echo unknown)" "${notes[@]}"
   if [ -f "$RUN/runs/smollm2/regenerated.manifest.json" ]; then
     cp "$RUN/runs/smollm2/regenerated.manifest.json" "$DOCS/results_data_manifest.json"
   fi
