@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+TEST_WORKERS ?= 2
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
@@ -33,7 +34,8 @@ test: install system-deps
 	$(VENV)/bin/ruff check .
 	# The architecture contracts in pyproject.toml ([tool.importlinter]): layers, a light operator, no circles.
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q
+	# Two xdist workers (CI has 2 cores); the SmolLM2 tests share one of them (tests/conftest.py).
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -14,6 +14,59 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = (REPO_ROOT.parent / "shared").resolve()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs one worker per core): one torch thread per worker.
+
+    Each worker's default of one thread per core would oversubscribe the cores the workers share; the
+    programs that tests start inherit ``OMP_NUM_THREADS``.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(1)
+
+
+# The test modules that use the real SmolLM2 weights (the ``integration`` marker). Under xdist they all run
+# in one worker: they share session fixtures (the converted weights, the regenerated answers, the
+# feature cache, the trained drafts) that each worker would otherwise build again, and only that worker
+# converts the GGUF into the shared model cache. Collection fails if an integration test lives elsewhere.
+SMOLLM2_MODULES = frozenset({
+    "tests/eval/test_integration_smollm2.py",
+    "tests/export/test_smollm2_export.py",
+    "tests/integration/test_serve_regenerate_smollm2.py",
+    "tests/train/test_learning.py",
+})  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        if item.get_closest_marker("integration") and module not in SMOLLM2_MODULES:
+            raise pytest.UsageError(
+                f"{module} has integration tests (real SmolLM2): add it to SMOLLM2_MODULES in tests/conftest.py"
+            )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``-n N`` (``--dist load``): each test is its own work unit, except that the SmolLM2 modules form one.
+
+    xdist's ``--dist loadgroup`` would do this through marks, but with pytest 9 its renaming of node ids
+    no longer takes effect. The largest unit goes out first, so the SmolLM2 worker starts at once.
+    """
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SmolLM2Together(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::")[0]
+            return "smollm2" if module in SMOLLM2_MODULES else nodeid
+
+    return SmolLM2Together(config, log)
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO_ROOT
