@@ -57,6 +57,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "CPU core",
     )
     parser.add_argument(
+        "--servers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with no endpoint: start N embedded servers (`deepspec serve` processes sharing the device, "
+        "logs beside the output) instead of one in this process; a small target's server is host-bound, "
+        "so several of them serve more tokens (bench/README.md)",
+    )
+    parser.add_argument(
         "--partial",
         action="store_true",
         help="send nothing: write the output (and summary) from the records the journal already holds, "
@@ -66,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _embedded_server(target: Any) -> AbstractContextManager[str]:
+def _embedded_server(target: Any, max_batch_size: int) -> AbstractContextManager[str]:
     try:
         from deepspec.serve import embedded_server  # type: ignore[attr-defined]
     except ImportError as e:
@@ -76,7 +85,32 @@ def _embedded_server(target: Any) -> AbstractContextManager[str]:
             "no endpoint given (--endpoint or regeneration.endpoints) and the embedded server is not "
             f"available ({e}); start a server (e.g. `deepspec serve`) and pass its URL with --endpoint"
         ) from None
-    return embedded_server(target)
+    return embedded_server(target, max_batch_size=max_batch_size)
+
+
+def _servers(
+    args: argparse.Namespace, target: Any, concurrency: int, log_base: Any
+) -> AbstractContextManager[list[str]]:
+    """The embedded server(s) of a run without endpoints: one in this process, or ``--servers N``
+    ``deepspec serve`` processes (their logs beside the output). Each decodes up to half of the requests
+    the client keeps in flight to it; the other half wait, so that a finished row is refilled at once."""
+    from contextlib import contextmanager
+
+    batch = max(1, concurrency // 2)
+    if args.servers > 1:
+        from deepspec.regenerate.servers import embedded_servers
+
+        overrides = list(args.overrides or [])
+        return embedded_servers(
+            args.servers, args.config, overrides, log_base, serve_args=["--max-batch-size", str(batch)]
+        )
+
+    @contextmanager
+    def in_process() -> Any:
+        with _embedded_server(target, batch) as url:
+            yield [url]
+
+    return in_process()
 
 
 def _workers(value: str, concurrency: int, endpoints: int) -> int:
@@ -102,6 +136,7 @@ def run(args: argparse.Namespace) -> int:
     from deepspec.regenerate.job import RegenerationError, RegenerationJob
     from deepspec.regenerate.remote import OutputLocation, fetch_input
     from deepspec.regenerate.runner import regenerate
+    from deepspec.regenerate.servers import ServerStartError
     from deepspec.regenerate.shards import (
         OutputPaths,
         ShardError,
@@ -134,13 +169,19 @@ def run(args: argparse.Namespace) -> int:
         workers = _workers(args.workers, recipe.regeneration.concurrency, max(1, len(endpoints)))
         input_uri = args.input or layout.dataset  # an input: relative to the working directory
         input_path = fetch_input(layout, input_uri)
+        if args.servers < 1 or (args.servers > 1 and endpoints):
+            raise RegenerationError(
+                f"--servers {args.servers}: give a positive number of embedded servers, and no endpoint "
+                "(--endpoint or regeneration.endpoints) beside more than one"
+            )
         needs_server = not endpoints and not args.partial
-        server: AbstractContextManager[str] = _embedded_server(target) if needs_server else nullcontext("")
-        with server as url:
+        concurrency = recipe.regeneration.concurrency
+        server = _servers(args, target, concurrency, output.local) if needs_server else nullcontext(endpoints)
+        with server as urls:
             job = RegenerationJob(
                 input_path=str(input_path),
                 output_path=str(output.local),
-                endpoints=endpoints or [url],
+                endpoints=urls or [""],  # --partial sends nothing
                 settings=recipe.regeneration,
                 model=target.served_model_name,
                 revision=target.revision,
@@ -155,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
             )
             summary = regenerate(job)
         published = output.publish(job.paths, summary, input_uri)
-    except (RegenerationError, ShardError) as e:
+    except (RegenerationError, ShardError, ServerStartError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(published)
