@@ -52,6 +52,16 @@ def train(recipe: Path, world: int) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
+def train_here(recipe: Path) -> None:
+    """``deepspec train`` on one process inside the test's interpreter (no interpreter start-up).
+
+    For runs whose weights are not compared bit for bit with a run of another thread setting.
+    """
+    from deepspec.cli import main
+
+    assert main(["train", "-c", str(recipe), "--no-progress", "--device", "cpu"]) == 0
+
+
 def _descendants(pid: int) -> list[int]:
     """All live descendants of ``pid`` (torchrun starts its workers in their own sessions)."""
     children: dict[int, list[int]] = {}

@@ -13,7 +13,7 @@ import yaml
 
 from deepspec.testing.tiny import tiny_recipe
 
-from .launch import train, train_env
+from .launch import train_env, train_here
 
 # wall-clock figures (and what is computed from them), and the report's creation time
 TIMING = {
@@ -64,7 +64,7 @@ def test_eval_report_of_two_processes_equals_one(tmp_path, tiny_dir, tiny_data):
                                 "temperature": 1.0})  # fmt: skip
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(r))
-    train(recipe, 1)
+    train_here(recipe)  # the checkpoint both evaluations read
     checkpoint = tmp_path / "draft"
     one = _eval(recipe, checkpoint, tmp_path / "one", 1)
     two = _eval(recipe, checkpoint, tmp_path / "two", 2)

@@ -19,7 +19,7 @@ import shutil
 import pytest
 import torch
 
-from .launch import real_tokens, train, train_and_kill_after, weights, write_recipe
+from .launch import real_tokens, train, train_and_kill_after, train_here, weights, write_recipe
 
 N, K = 4, 2
 
@@ -41,7 +41,7 @@ def test_fsdp2_resumes_bit_exactly(tmp_path, tiny_dir, tiny_data, algorithm, pre
     killed = write_recipe(tmp_path, "killed", tiny_dir, tiny_data, algorithm, **_overrides(precision))
     train_and_kill_after(killed, 2, tmp_path / "killed", K)
     shutil.copytree(tmp_path / "killed", tmp_path / "on1")  # per-layer shards resume on one process
-    train(write_recipe(tmp_path, "on1", tiny_dir, tiny_data, algorithm, **_overrides(precision)), 1)
+    train_here(write_recipe(tmp_path, "on1", tiny_dir, tiny_data, algorithm, **_overrides(precision)))
     train(killed, 2)
     a, b = weights(tmp_path / "straight", N), weights(tmp_path / "killed", N)
     assert a.keys() == b.keys() and a

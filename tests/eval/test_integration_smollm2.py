@@ -33,6 +33,25 @@ def smollm2():
     return path, AutoTokenizer.from_pretrained(path)
 
 
+@pytest.fixture(scope="module")
+def target_greedy():
+    """``target_greedy(target, ids)``: the target's own greedy continuation (HF ``generate``).
+
+    Computed once per prompt: every algorithm's test loads the same SmolLM2 weights.
+    """
+    done: dict[tuple[int, ...], list[int]] = {}
+
+    def get(target, ids: list[int]) -> list[int]:
+        if tuple(ids) not in done:
+            out = target.model.generate(
+                torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
+            )
+            done[tuple(ids)] = out[0, len(ids) :].tolist()
+        return done[tuple(ids)]
+
+    return get
+
+
 def _target(path: str, algorithm: str):
     from deepspec.target_model.model import TargetModel
 
@@ -52,7 +71,7 @@ def _prompts(tokenizer, shared_dir, n: int, name: str = "gsm8k") -> list[list[in
 
 
 @pytest.mark.parametrize("algorithm", ["eagle3", "dflash", "dspark"])
-def test_greedy_lossless_on_smollm2(smollm2, shared_dir, algorithm):
+def test_greedy_lossless_on_smollm2(smollm2, shared_dir, target_greedy, algorithm):
     from deepspec.config import draft_model_config
     from deepspec.eval.engine import EngineConfig, SpeculativeEngine
     from deepspec.models import build_draft
@@ -64,10 +83,7 @@ def test_greedy_lossless_on_smollm2(smollm2, shared_dir, algorithm):
     cfg = EngineConfig(num_proposals=7, temperature=0.0, max_new_tokens=NEW_TOKENS)
     engine = SpeculativeEngine(target, draft.as_drafter(target), cfg)
     for ids in _prompts(tok, shared_dir, 2, "mt-bench"):
-        want = target.model.generate(
-            torch.tensor([ids]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False
-        )[0, len(ids) :].tolist()
-        assert engine.generate(ids).tokens == want
+        assert engine.generate(ids).tokens == target_greedy(target, ids)
 
 
 def test_trained_draft_beats_untrained(smollm2, smollm2_trained, tmp_path):
