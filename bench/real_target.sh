@@ -37,8 +37,7 @@ REGEN_SAMPLING=(--set regeneration.sampling.temperature=0.7 --set regeneration.s
                 --set regeneration.sampling.max_tokens=512 --set regeneration.sampling.seed=0)
 REGEN_BUDGET_S=${REGEN_BUDGET_S:-480}   # per call; the journal resumes in the next one
 TRAIN_BUDGET_S=${TRAIN_BUDGET_S:-500}   # per call; training resumes from `latest` on the same machine
-REGEN_BATCH=${REGEN_BATCH:-128}         # rows each embedded server decodes together
-REGEN_CONCURRENCY=${REGEN_CONCURRENCY:-256}  # requests in flight per server
+REGEN_CONCURRENCY=${REGEN_CONCURRENCY:-256}  # requests in flight per server (each decodes half of them together)
 REGEN_SERVERS=${REGEN_SERVERS:-3}       # embedded servers sharing the GPU (each one's loop is host-bound)
 # `start` (the whole run in one background process): a time slot per phase, so that the run fits the
 # session's device time; training re-plans its steps to the slot (training.time_budget_minutes)
@@ -174,26 +173,12 @@ regen() {
   device_env
   local out=$RUN/runs/smollm2/regenerated
   [ -f "$out.jsonl" ] || restore regen "$out.journal.jsonl" || true  # resume a journal brought back earlier
-  local port=${PORT:-30000} i urls=() pids=()
-  for ((i = 0; i < REGEN_SERVERS; i++)); do
-    $PY -m deepspec serve --model "$TARGET" --served-model-name smollm2 --port $((port + i)) \
-      --device "$DEVICE" --max-batch-size "$REGEN_BATCH" >"$RUN/logs/serve-$i.log" 2>&1 &
-    pids+=($!) urls+=(--endpoint "http://127.0.0.1:$((port + i))/v1")
-    record python3 -m deepspec serve --model "$TARGET" --served-model-name smollm2 --port $((port + i)) \
-      --device "$DEVICE" --max-batch-size "$REGEN_BATCH" "&"
-  done
-  REGEN_SERVER_PIDS="${pids[*]}"
-  trap 'kill $REGEN_SERVER_PIDS 2>/dev/null || true' EXIT
-  for ((i = 0; i < REGEN_SERVERS; i++)); do
-    local health="import urllib.request; urllib.request.urlopen('http://127.0.0.1:$((port + i))/health', timeout=2)"
-    for _ in $(seq 300); do $PY -c "$health" 2>/dev/null && break; sleep 1; done
-    $PY -c "$health" 2>/dev/null || { tail -50 "$RUN/logs/serve-$i.log"; die "server $i did not start"; }
-  done
+  # --servers: that many `deepspec serve` processes share the GPU, each decoding up to half of its
+  # REGEN_CONCURRENCY requests in flight (their logs: regenerated.jsonl.server-<i>.log)
   local t0=$SECONDS rc=0
   local args=(regenerate -c "$(recipe eagle3)" $(common) "${REGEN_SAMPLING[@]}"
               --set "regeneration.concurrency=$REGEN_CONCURRENCY" --quiet)
-  ds "$REGEN_BUDGET_S" "${args[@]}" "${urls[@]}" || rc=$?
-  kill $REGEN_SERVER_PIDS 2>/dev/null || true
+  ds "$REGEN_BUDGET_S" "${args[@]}" --servers "$REGEN_SERVERS" || rc=$?
   echo "regenerate: exit $rc after $((SECONDS - t0)) s"
   if [ "$rc" != 0 ]; then  # the slot ended first: train on what is finished; the journal resumes later
     ds 300 "${args[@]}" --partial || die "regenerate --partial failed"
@@ -212,7 +197,7 @@ print(json.dumps({"file": base + ".jsonl", "sha256": sha(base + ".jsonl"), "inpu
                   "provenance": rows[0].get("provenance"), "summary": summary}, indent=2))
 EOF
   bring_back regen "$out.jsonl" "$out".journal* "$out.summary.json" "$out.errors.jsonl" "$out.manifest.json" \
-    "$RUN/commands/regen.sh" "$RUN/machine.txt" "$RUN"/logs/serve-*.log
+    "$RUN/commands/regen.sh" "$RUN/machine.txt" "$out".jsonl.server-*.log
 }
 
 train() {
@@ -381,8 +366,8 @@ collect() {
 smoke() {
   REAL=.real/smoke RUN=.real/smoke/run STATE=.real/smoke/state DOCS=.real/smoke/docs OUT=$PWD/.real/smoke/out
   PIPE=$REAL/pipeline REGEN_SERVERS=2 PIPE_TRAIN_MIN=2 SWEEP_CAP=1
-  TARGET=$REAL/dev/tiny DEVICE=cpu PY=.venv/bin/python PORT=$((30000 + RANDOM % 20000))
-  HOLDOUT=4 KEEP=4 SAVE_EVERY=1 SELECT_PROMPTS=4 SELECT_TOKENS=12 EVAL_CAP=1 EVAL_TOKENS=12 SWEEP=1,2 REGEN_BATCH=4 REGEN_CONCURRENCY=4
+  TARGET=$REAL/dev/tiny DEVICE=cpu PY=.venv/bin/python
+  HOLDOUT=4 KEEP=4 SAVE_EVERY=1 SELECT_PROMPTS=4 SELECT_TOKENS=12 EVAL_CAP=1 EVAL_TOKENS=12 SWEEP=1,2 REGEN_CONCURRENCY=4
   REGEN_SAMPLING=(--set regeneration.sampling.temperature=0.7 --set regeneration.sampling.max_tokens=16
                   --set regeneration.sampling.seed=0)
   EXTRA=(--set data.max_length=128 --set training.max_steps=4 --set training.global_batch_size=4
