@@ -9,9 +9,10 @@
     batched rows equal the single-prompt results;
   * a tiny peaked target (vocabulary 8), T = 1, batch 100 in lockstep on CUDA graphs: the first
     three tokens follow the target's exact joint distribution (chi-square, p > 1e-3);
-  * the batched Eagle3 drafter on CUDA graphs (draft step and commit captured) gives the same tokens
-    as the per-row eager Eagle3 drafters (T = 0, batch 1 and 4), and the same T = 1 chi-square holds
-    with it.
+  * the batched Eagle3 drafter and the batched DFlash/DSpark block drafter
+    (``deepspec/eval/block_batched.py``) on CUDA graphs (draft step and commit captured) give the same
+    tokens and per-row acceptance counters as the per-row eager drafters (T = 0, batch 1 and 4), and
+    the same T = 1 chi-square holds with each of them.
 
 ``speed`` (bf16, random weights of the exact shapes; an untrained draft accepts ~nothing, so round
 and step times are the figures, not the speedup): plain transformers ``generate`` (dynamic cache)
@@ -127,18 +128,33 @@ def check() -> None:
     pvalue = chi2_pvalue(samples, joint)
     assert pvalue > 1e-3, f"T=1 samples do not follow the target (p = {pvalue:.2e})"
     print(f"check T=1 tiny peaked target, batch {batch} on CUDA graphs: chi-square p = {pvalue:.3f} (> 1e-3)")
-    check_batched_eagle3(target, prompts, tiny, prompt, joint)
+    for algorithm in ("eagle3", "dflash", "dspark"):
+        check_batched_drafter(algorithm, target, prompts, tiny, prompt, joint)
     print("CHECK PASSED")
 
 
-def check_batched_eagle3(target, prompts, tiny, prompt, joint) -> None:
-    """The batched Eagle3 drafter on CUDA graphs against per-row eager drafters (T = 0), and at T = 1."""
+def batched_test_draft(algorithm: str, target):
+    """A random draft of ``algorithm`` for ``target``; DSpark's Markov head gets random W2 (it starts at
+    zero) so that its sequential bias takes part in the comparison."""
     from deepspec.config import draft_model_config
-    from deepspec.eval.engine import EngineConfig, SpeculativeEngine, prompt_generator
     from deepspec.models import build_draft
 
     torch.manual_seed(0)
-    draft = build_draft(draft_model_config(algorithm="eagle3"), target).eval()
+    draft = build_draft(draft_model_config(algorithm=algorithm), target).eval()
+    if algorithm == "dspark":
+        with torch.no_grad():
+            w2 = draft.markov_head.markov_w2.weight
+            w2.copy_(torch.randn(w2.shape, generator=torch.Generator().manual_seed(2)).to(w2) * 0.5)
+    return draft
+
+
+def check_batched_drafter(algorithm: str, target, prompts, tiny, prompt, joint) -> None:
+    """The batched ``algorithm`` drafter (Eagle3: :mod:`deepspec.eval.eagle3_batched`, DFlash/DSpark:
+    :mod:`deepspec.eval.block_batched`) on CUDA graphs against per-row eager drafters (T = 0: same
+    tokens and per-row acceptance counters), and at T = 1 (chi-square against the exact joint)."""
+    from deepspec.eval.engine import EngineConfig, SpeculativeEngine, prompt_generator
+
+    draft = batched_test_draft(algorithm, target)
     cfg = EngineConfig(num_proposals=7, temperature=0.0, max_new_tokens=64)
     fast = SpeculativeEngine(target, draft.as_drafter(target), cfg)
     slow = SpeculativeEngine(
@@ -148,31 +164,37 @@ def check_batched_eagle3(target, prompts, tiny, prompt, joint) -> None:
         drafter_factory=lambda: draft.as_drafter(target),
     )
     for batch in (1, 4):
-        got = [r.tokens for r in fast.generate_batch(prompts[:batch])]
-        assert got == [r.tokens for r in slow.generate_batch(prompts[:batch])], (
-            f"batched eagle3, batch {batch}"
-        )
+        got = fast.generate_batch(prompts[:batch])
+        want = slow.generate_batch(prompts[:batch])
+        assert [r.tokens for r in got] == [r.tokens for r in want], f"batched {algorithm}, batch {batch}"
+        assert [(r.stats.rounds, r.stats.accepted) for r in got] == [
+            (r.stats.rounds, r.stats.accepted) for r in want
+        ], f"batched {algorithm}, batch {batch}: per-row acceptance differs"
+    assert fast._batched is not None and slow._batched is None, f"the batched {algorithm} drafter did not run"
     bdraft = fast._batched[1]
-    assert bdraft.cuda_graphs and bdraft.graph_replays > 0, "the batched Eagle3 step was not captured"
+    assert bdraft.cuda_graphs and bdraft.graph_replays > 0, f"the batched {algorithm} step was not captured"
     print(
-        f"check T=0 batched eagle3 on CUDA graphs == per-row eager eagle3, batch 1 and 4 "
+        f"check T=0 batched {algorithm} on CUDA graphs == per-row eager {algorithm}, batch 1 and 4 "
         f"({bdraft.graph_replays} draft graph replays, shapes {bdraft.graph_shapes})"
     )
     n_runs, batch = 1500, 100
-    tiny_draft = build_draft(draft_model_config(algorithm="eagle3"), tiny).eval()
+    tiny_draft = batched_test_draft(algorithm, tiny)
     eng = SpeculativeEngine(
         tiny, tiny_draft.as_drafter(tiny), EngineConfig(num_proposals=3, temperature=1.0, max_new_tokens=3)
     )
     samples = []
     for start in range(0, n_runs, batch):
-        gens = [prompt_generator(0, "gpu-check-eagle3", i, "cuda") for i in range(start, start + batch)]
+        gens = [prompt_generator(0, f"gpu-check-{algorithm}", i, "cuda") for i in range(start, start + batch)]
         samples += [tuple(r.tokens[:3]) for r in eng.generate_batch([prompt] * batch, gens)]
+    assert eng._batched is not None, f"the batched {algorithm} drafter did not run at T = 1"
     assert eng._batched[1].cuda_graphs and eng._batched[1].graph_replays > 0
     pvalue = chi2_pvalue(samples, joint)
     assert pvalue > 1e-3, (
-        f"T=1 samples with the batched eagle3 drafter do not follow the target (p = {pvalue:.2e})"
+        f"T=1 samples with the batched {algorithm} drafter do not follow the target (p = {pvalue:.2e})"
     )
-    print(f"check T=1 batched eagle3 on CUDA graphs, batch {batch}: chi-square p = {pvalue:.3f} (> 1e-3)")
+    print(
+        f"check T=1 batched {algorithm} on CUDA graphs, batch {batch}: chi-square p = {pvalue:.3f} (> 1e-3)"
+    )
 
 
 # ------------------------------------------------------------------------------------------- speed

@@ -16,62 +16,51 @@ tensors, in the layout of the decode core's :class:`~deepspec.decode.cache.RowKV
 :meth:`propose` and :meth:`extend` are fixed-shape tensor programs for a given ``(batch, steps,
 window)``: no host read, no data-dependent shape, state updated in place. On CUDA (``cuda_graphs``)
 each shape is captured once as a CUDA graph and replayed (as :class:`~deepspec.decode.core.DecodeCore`
-does for the target); on the CPU they run eagerly. Sampled proposals are inverse-CDF draws from
+does for the target; the capture, :class:`~deepspec.eval.graphed_draft.GraphedDrafter`, is shared with
+the DFlash/DSpark block drafter of :mod:`deepspec.eval.block_batched`); on the CPU they run eagerly. Sampled proposals are inverse-CDF draws from
 uniforms the caller takes from each row's own generator, so a row's proposals never depend on its
 neighbours; at temperature 0 they are the argmax, as the per-row drafter's.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from deepspec.decode.cache import attention_mask
-from deepspec.decode.core import kv_bucket
 from deepspec.decode.sampling import inverse_cdf
+from deepspec.eval.block_batched import BlockBatchedDrafter, block_batchable
+from deepspec.eval.graphed_draft import BatchedProposal, GraphedDrafter
+from deepspec.models.dflash import DFlashDrafter
 from deepspec.models.eagle3 import Eagle3Drafter
 from deepspec.models.layers import sdpa
 
 if TYPE_CHECKING:
     from deepspec.models.eagle3 import Eagle3Draft
 
-log = logging.getLogger(__name__)
+
+def has_batched_drafter(drafter: object, num_proposals: int, record_rounds: bool = False) -> bool:
+    """Whether :func:`batched_drafter` has a counterpart of ``drafter`` that proposes ``num_proposals``
+    tokens per round as the per-row drafter does (Eagle3 always; DFlash/DSpark when one block holds
+    them and no per-round confidences are recorded, see :func:`deepspec.eval.block_batched.block_batchable`)."""
+    return isinstance(drafter, Eagle3Drafter) or block_batchable(drafter, num_proposals, record_rounds)
 
 
 def batched_drafter(
     drafter: object, rows: int, max_len: int, cuda_graphs: bool | None = None
-) -> Eagle3BatchedDrafter | None:
+) -> GraphedDrafter | None:
     """The batched counterpart of the per-row ``drafter`` on the same draft weights, or None when
-    there is none (only Eagle3 has one; other drafters keep the per-row protocol)."""
+    there is none (Eagle3 here, DFlash/DSpark in :mod:`deepspec.eval.block_batched`; other drafters
+    keep the per-row protocol)."""
     if isinstance(drafter, Eagle3Drafter):
         return Eagle3BatchedDrafter(drafter.model, rows, max_len, cuda_graphs=cuda_graphs)
+    if isinstance(drafter, DFlashDrafter):  # DSparkDrafter included
+        return BlockBatchedDrafter(drafter.model, rows, max_len, cuda_graphs=cuda_graphs)
     return None
 
 
-@dataclass
-class BatchedProposal:
-    """Draft tokens of every row for one round.
-
-    tokens: [B, P] target ids; probs: [B, P, V] the target-vocabulary distributions they were drawn
-    from (None at temperature 0, where verification only compares with the target's argmax).
-    """
-
-    tokens: torch.Tensor
-    probs: torch.Tensor | None
-
-
-@dataclass
-class _Graph:
-    graph: torch.cuda.CUDAGraph
-    inputs: tuple[torch.Tensor, ...]
-    outputs: tuple[torch.Tensor | None, ...]
-
-
-class Eagle3BatchedDrafter:
+class Eagle3BatchedDrafter(GraphedDrafter):
     """``rows`` Eagle3 sequences of up to ``max_len`` committed pairs, drafted in lockstep."""
 
     def __init__(
@@ -83,9 +72,7 @@ class Eagle3BatchedDrafter:
         self.rows, self.max_len = rows, max_len
         self.device = m.param_device
         self.dtype = m.param_dtype
-        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        if self.cuda_graphs and self.device.type != "cuda":
-            raise ValueError("cuda_graphs=True needs a draft on a CUDA device")
+        self._init_graphs(cuda_graphs)
         shape = (rows, attn.num_kv_heads, max_len, attn.head_dim)
         self.keys = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.values = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -93,9 +80,9 @@ class Eagle3BatchedDrafter:
         self.num_pairs = torch.zeros(rows, dtype=torch.long, device=self.device)
         self.draft_ids = m.draft_ids.to(self.device)  # [Vd] target id of each draft id
         self.vocab_size = m.dims.vocab_size
-        self._graphs: dict[tuple, _Graph] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-        self.graph_replays = 0
+
+    def _state(self) -> tuple[torch.Tensor, ...]:
+        return self.pending, self.num_pairs
 
     def fits(self, rows: int, max_len: int) -> bool:
         return rows <= self.rows and max_len <= self.max_len
@@ -220,25 +207,7 @@ class Eagle3BatchedDrafter:
         temperature > 0). ``needed``: the host-known bound on ``num_pairs + num_proposals`` over the
         rows (sets the attention window; default the whole cache). Committed state is not changed.
         """
-        b = anchors.shape[0]
-        if b > self.rows:
-            raise ValueError(f"{b} rows requested from a {self.rows}-row draft cache")
-        sampled = temperature > 0
-        if sampled and uniforms is None:
-            raise ValueError("sampled proposals need uniforms [B, num_proposals] from the rows' generators")
-        kv_len = kv_bucket(needed, self.max_len) if needed is not None else self.max_len
-        u = uniforms if sampled else torch.zeros(b, num_proposals, device=self.device)
-
-        def run(a: torch.Tensor, uu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return self._unroll(a, num_proposals, temperature, uu, kv_len)
-
-        if self.cuda_graphs:
-            graph = self._graph(("propose", b, num_proposals, kv_len, float(temperature)), (anchors, u), run)
-            if graph is not None:
-                tokens, probs = graph.outputs
-                return BatchedProposal(tokens, probs)  # type: ignore[arg-type]
-        tokens, probs = run(anchors, u)
-        return BatchedProposal(tokens, probs)
+        return self._proposals(anchors, num_proposals, temperature, uniforms, needed, self._unroll)
 
     def _unroll(
         self, anchors: torch.Tensor, steps: int, temperature: float, u: torch.Tensor, kv_len: int
@@ -273,51 +242,3 @@ class Eagle3BatchedDrafter:
             token = self.draft_ids[choice][:, None]
             tokens.append(token)
         return torch.cat(tokens, dim=1), torch.stack(probs_out, dim=1) if probs_out else None
-
-    # ------------------------------------------------------------------ CUDA graphs
-    def _graph(
-        self,
-        key: tuple,
-        inputs: tuple[torch.Tensor, ...],
-        fn: Callable[..., tuple],
-        stateful: bool = False,
-    ) -> _Graph | None:
-        """Replay (capturing on first use) the graph of ``fn`` for ``key``; None when capture failed.
-
-        ``stateful``: ``fn`` advances ``pending``/``num_pairs``; the warm-up runs are undone so that
-        the replay after capture applies the step exactly once.
-        """
-        graph = self._graphs.get(key)
-        if graph is None:
-            saved = (self.pending.clone(), self.num_pairs.clone())
-            static = tuple(x.clone() for x in inputs)
-            try:
-                stream = torch.cuda.Stream(self.device)
-                stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(stream):
-                    for _ in range(2):
-                        fn(*static)
-                        if stateful:
-                            self.pending.copy_(saved[0])
-                            self.num_pairs.copy_(saved[1])
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                cuda_graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(cuda_graph, pool=self._pool):
-                    outputs = fn(*static)
-            except RuntimeError:  # an op that cannot be captured: keep working, eagerly, and say so
-                log.exception("CUDA graph capture of the Eagle3 draft step %s failed; running eagerly", key)
-                self.pending.copy_(saved[0])
-                self.num_pairs.copy_(saved[1])
-                self.cuda_graphs = False
-                return None
-            graph = _Graph(cuda_graph, static, tuple(outputs))
-            self._graphs[key] = graph
-        for buf, x in zip(graph.inputs, inputs, strict=True):
-            buf.copy_(x)
-        graph.graph.replay()
-        self.graph_replays += 1
-        return graph
-
-    @property
-    def graph_shapes(self) -> list[tuple]:
-        return sorted(self._graphs, key=str)

@@ -21,8 +21,9 @@ Two KV-cache paths (``EngineConfig.kv_cache``):
   CUDA graphs for the fixed-size steps on a GPU. :meth:`SpeculativeEngine.generate_batch` runs ``B``
   prompts in lockstep (per-row acceptance); a row's tokens do not depend on the rows beside it, so
   ``generate`` is ``generate_batch`` of one prompt. Eagle3 drafts every row in one forward per step
-  (:mod:`deepspec.eval.eagle3_batched`: on the device and, on CUDA, as captured graphs); other
-  drafters run one instance per row.
+  (:mod:`deepspec.eval.eagle3_batched`: on the device and, on CUDA, as captured graphs), DFlash and
+  DSpark one block forward for all rows (:mod:`deepspec.eval.block_batched`); other drafters run
+  one instance per row.
 * ``"dynamic"``: the eager reference path (transformers' dynamic cache, cropped after each round,
   one prompt at a time), kept to check the static path against.
 """
@@ -38,11 +39,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from deepspec.decode.sampling import row_uniforms, sample_rows, verify_rows
-from deepspec.eval.eagle3_batched import batched_drafter
+from deepspec.eval.eagle3_batched import batched_drafter, has_batched_drafter
 from deepspec.eval.kv_cache import crop_cache
 from deepspec.eval.metrics import AcceptanceStats
 from deepspec.eval.sampling import sample_token, verify
-from deepspec.models.eagle3 import Eagle3Drafter
 
 PLAIN_CHUNK = 16  # plain decoding steps queued on the device between two host reads
 
@@ -66,7 +66,8 @@ class EngineConfig:
     record_rounds: bool = False  # keep per-round confidences/acceptance (calibration data)
     kv_cache: Literal["static", "dynamic"] = "static"  # decode core, or the eager reference path
     cuda_graphs: bool | None = None  # None = on CUDA; only with kv_cache="static"
-    # drafters with a batched counterpart (Eagle3, deepspec.eval.eagle3_batched) draft all rows in one forward
+    # drafters with a batched counterpart (Eagle3, DFlash, DSpark: deepspec.eval.eagle3_batched.batched_drafter)
+    # draft all rows in one forward
     batched_drafter: bool = True
 
 
@@ -247,7 +248,7 @@ class SpeculativeEngine:
         confidence truncation and the prefix scheduler read per-row confidences it does not make)."""
         return (
             self.config.batched_drafter
-            and isinstance(self.drafter, Eagle3Drafter)
+            and has_batched_drafter(self.drafter, self.config.num_proposals, self.config.record_rounds)
             and self.config.confidence_threshold is None
             and self.scheduler is None
         )
