@@ -167,10 +167,11 @@ def test_sigkill_worker_fails_the_run_then_resume(tmp_path: Path, stub) -> None:
     log_at_kill = len((tmp_path / "requests.jsonl").read_text().splitlines())
     finished = _finished_ids(paths)
     # Work is handed out on request, so worker 1 took over everything worker 0 had not been given:
-    # only worker 0's outstanding records are missing: its 2 lanes in flight and at most 3 queued
-    # (the 1 left when it asked for more + the next 2-record chunk). With a fixed split, worker 0's
-    # whole unfinished half (~20 records) would be missing.
-    assert N - 5 <= len(finished) < N
+    # only worker 0's outstanding records are missing: per lane (2) one in flight and one answered but
+    # not yet fsync'd by the journal's group-commit thread (it lags on a loaded machine), and at most 3
+    # queued (the 1 left when it asked for more + the next 2-record chunk): 7 at most. With a fixed
+    # split, worker 0's whole unfinished half (~20 records) would be missing.
+    assert N - 7 <= len(finished) < N
     _resume_and_check(tmp_path, server, inp, out, finished, log_at_kill)
 
 
