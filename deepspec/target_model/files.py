@@ -50,13 +50,18 @@ def _file_fingerprint(path: Path) -> str:
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantise a GGUF checkpoint into an HF safetensors directory (atomic: temp dir + rename)."""
+    """Dequantise a GGUF checkpoint into an HF safetensors directory (atomic: temp dir + rename).
+
+    Several processes may convert the same file at once (training ranks, servers started together):
+    each writes its own temporary folder, and one that finds the folder complete when it is done keeps
+    that one (another process may be loading it) and discards its own copy."""
+    import tempfile
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     state = quantised.state_dict()
@@ -72,10 +77,19 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         raise RuntimeError(
             f"GGUF conversion of {gguf_path}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    try:
+        model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
+        if not (out_dir / "config.json").is_file():
+            try:
+                tmp.rename(out_dir)
+            except OSError as e:  # another process renamed its copy in between, or a stray folder
+                if not (out_dir / "config.json").is_file():
+                    raise RuntimeError(
+                        f"{out_dir} exists but holds no converted model: delete it ({e})"
+                    ) from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -107,7 +121,9 @@ def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
     gguf = smollm2_gguf()
-    cached = sorted((cache_root() / "models").glob(f"{gguf.stem}-*/tokenizer.json"))
-    if cached:
-        return AutoTokenizer.from_pretrained(cached[0].parent)
+    cached = (
+        cache_root() / "models" / f"{gguf.stem}-{_file_fingerprint(gguf)}"
+    )  # never a conversion's temp folder
+    if (cached / "config.json").is_file():
+        return AutoTokenizer.from_pretrained(cached)
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
