@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from deepspec.decode.sampling import inverse_cdf
-from deepspec.eval.graphed_draft import BatchedProposal, GraphedDrafter
+from deepspec.eval.graphed_draft import GraphedDrafter
 from deepspec.models.dflash import DFlashDrafter
 from deepspec.models.dspark import DSparkDraft
 
@@ -142,32 +142,16 @@ class BlockBatchedDrafter(GraphedDrafter):
             self.values[i, rows].scatter_(2, index, v)
         self.context_len[rows].add_(counts)
 
-    # ------------------------------------------------------------------ drafting
-    @torch.no_grad()
-    def propose(
-        self,
-        anchors: torch.Tensor,
-        num_proposals: int,
-        temperature: float,
-        uniforms: torch.Tensor | None = None,
-        needed: int | None = None,
-    ) -> BatchedProposal:
-        """Propose ``num_proposals`` tokens after ``anchors`` [B] (device) for rows ``0..B-1``.
-
-        ``uniforms`` [B, num_proposals]: one draw per slot from each row's generator (needed at
-        temperature > 0). ``needed``: a host-known bound on every row's committed length (sets the
-        attention window; default the whole cache; the engine's bound, committed pairs + proposals
-        of the longest row, covers it). Committed state is not changed.
-        """
+    # ------------------------------------------------------------------ drafting (propose: GraphedDrafter)
+    def _check_proposals(self, num_proposals: int) -> None:
         per_block = self.model.proposals_per_block
         if num_proposals > per_block:
             raise ValueError(
                 f"{num_proposals} proposals asked of a {self.model.algorithm} block that makes {per_block}: "
                 f"lower evaluation.num_proposals or use a draft with a larger block_size"
             )
-        return self._proposals(anchors, num_proposals, temperature, uniforms, needed, self._block)
 
-    def _block(
+    def _draft(  # one block forward for all rows
         self, anchors: torch.Tensor, steps: int, temperature: float, u: torch.Tensor, kv_len: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         m = self.model

@@ -31,7 +31,7 @@ import torch
 from deepspec.decode.cache import attention_mask
 from deepspec.decode.sampling import inverse_cdf
 from deepspec.eval.block_batched import BlockBatchedDrafter, block_batchable
-from deepspec.eval.graphed_draft import BatchedProposal, GraphedDrafter
+from deepspec.eval.graphed_draft import GraphedDrafter
 from deepspec.models.dflash import DFlashDrafter
 from deepspec.models.eagle3 import Eagle3Drafter
 from deepspec.models.layers import sdpa
@@ -191,25 +191,8 @@ class Eagle3BatchedDrafter(GraphedDrafter):
                 part.scatter_(2, index, new)
                 buf.index_copy_(0, rows, part)
 
-    # ------------------------------------------------------------------ drafting
-    @torch.no_grad()
-    def propose(
-        self,
-        anchors: torch.Tensor,
-        num_proposals: int,
-        temperature: float,
-        uniforms: torch.Tensor | None = None,
-        needed: int | None = None,
-    ) -> BatchedProposal:
-        """Propose ``num_proposals`` tokens after ``anchors`` [B] (device) for rows ``0..B-1``.
-
-        ``uniforms`` [B, num_proposals]: one draw per step from each row's generator (needed at
-        temperature > 0). ``needed``: the host-known bound on ``num_pairs + num_proposals`` over the
-        rows (sets the attention window; default the whole cache). Committed state is not changed.
-        """
-        return self._proposals(anchors, num_proposals, temperature, uniforms, needed, self._unroll)
-
-    def _unroll(
+    # ------------------------------------------------------------------ drafting (propose: GraphedDrafter)
+    def _draft(  # the draft unroll, one step per proposal
         self, anchors: torch.Tensor, steps: int, temperature: float, u: torch.Tensor, kv_len: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         m = self.model

@@ -64,18 +64,24 @@ class GraphedDrafter:
     def _state(self) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
-    def _proposals(
+    @torch.no_grad()
+    def propose(
         self,
         anchors: torch.Tensor,
         num_proposals: int,
         temperature: float,
-        uniforms: torch.Tensor | None,
-        needed: int | None,
-        draft: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+        uniforms: torch.Tensor | None = None,
+        needed: int | None = None,
     ) -> BatchedProposal:
-        """The body of a drafter's ``propose``: checks, the attention window (``needed`` bucketed), then
-        ``draft(anchors, num_proposals, temperature, uniforms, window)`` replayed as the graph of its
-        shape on CUDA, or run eagerly. ``draft`` returns tokens [B, P] and probs [B, P, V] or None."""
+        """Propose ``num_proposals`` tokens after ``anchors`` [B] (device) for rows ``0..B-1``.
+
+        ``uniforms`` [B, num_proposals]: one draw per slot from each row's generator (needed at
+        temperature > 0). ``needed``: a host-known bound on every row's committed length plus the
+        proposals (sets the attention window, bucketed; default the whole cache). Committed state is not
+        changed. The subclass's :meth:`_draft` is replayed as the graph of its shape on CUDA, or run
+        eagerly.
+        """
+        self._check_proposals(num_proposals)
         b = anchors.shape[0]
         if b > self.rows:
             raise ValueError(f"{b} rows requested from a {self.rows}-row draft cache")
@@ -86,7 +92,7 @@ class GraphedDrafter:
         u = uniforms if sampled else torch.zeros(b, num_proposals, device=self.device)
 
         def run(a: torch.Tensor, uu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return draft(a, num_proposals, temperature, uu, kv_len)
+            return self._draft(a, num_proposals, temperature, uu, kv_len)
 
         if self.cuda_graphs:
             graph = self._graph(("propose", b, num_proposals, kv_len, float(temperature)), (anchors, u), run)
@@ -95,6 +101,15 @@ class GraphedDrafter:
                 return BatchedProposal(tokens, probs)  # type: ignore[arg-type]
         tokens, probs = run(anchors, u)
         return BatchedProposal(tokens, probs)
+
+    def _check_proposals(self, num_proposals: int) -> None:
+        """Refuse a proposal count the drafter cannot make (default: any count is fine)."""
+
+    def _draft(
+        self, anchors: torch.Tensor, steps: int, temperature: float, u: torch.Tensor, kv_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fixed-shape drafting body: tokens [B, steps] and probs [B, steps, V] (None at T = 0)."""
+        raise NotImplementedError
 
     def _graph(
         self,
