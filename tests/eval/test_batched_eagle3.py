@@ -13,10 +13,9 @@ from deepspec.eval.eagle3_batched import Eagle3BatchedDrafter
 from deepspec.eval.engine import EngineConfig, SpeculativeEngine, prompt_generator
 from deepspec.testing.tiny import tiny_target
 
+from .batched_checks import PROMPTS, check_greedy_rounds_equal_per_row
 from .conftest import reference_greedy
 from .test_lossless import PROMPT, chi2_pvalue, exact_joint, sample_engine
-
-PROMPTS = [[1, 5, 9, 17, 33, 5, 9], [1, 40, 41, 42], [1, 7], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
 
 
 def eagle3(target):
@@ -41,32 +40,8 @@ def test_batched_proposals_equal_per_row_proposals(target_and_draft):
     """T = 0: every row's proposals equal the per-row drafter's, after a prefill and after extends of
     different lengths per row (0 = a row that ended stays as it was)."""
     target, draft = target_and_draft
-    steps = 5
-    per_row = [draft.as_drafter(target) for _ in PROMPTS]
     batched = Eagle3BatchedDrafter(draft, len(PROMPTS) + 2, 64)  # spare rows: only rows 0..B-1 are used
-    for b, prompt in enumerate(PROMPTS):
-        ids = torch.tensor(prompt)
-        feats = target.capture(ids[None]).features[0]
-        per_row[b].extend(ids, feats)
-        batched.prefill(b, ids, feats)
-    gen = torch.Generator().manual_seed(0)
-    anchors = torch.randint(3, target.vocab_size, (len(PROMPTS),), generator=gen)
-    for round_ in range(3):
-        got = batched.propose(anchors, steps, 0.0, needed=40)
-        assert got.probs is None and got.tokens.shape == (len(PROMPTS), steps)
-        for b, drafter in enumerate(per_row):
-            want = drafter.propose(int(anchors[b]), steps, 0.0).tokens
-            assert got.tokens[b].tolist() == want.tolist(), f"round {round_}, row {b}"
-        # commit anchor + a different number of tokens per row, with features of the real target
-        width = steps + 1
-        tokens = torch.cat([anchors[:, None], torch.randint(3, target.vocab_size, (len(PROMPTS), steps))], 1)
-        feats = torch.randn(len(PROMPTS), width, draft.fc.in_features, generator=gen)
-        counts = torch.tensor([width, 1, 0, 3][: len(PROMPTS)])
-        batched.extend(tokens, feats, counts)
-        for b, drafter in enumerate(per_row):
-            c = int(counts[b])
-            drafter.extend(tokens[b, :c], feats[b, :c])
-        anchors = torch.randint(3, target.vocab_size, (len(PROMPTS),), generator=gen)
+    per_row = check_greedy_rounds_equal_per_row(target, draft, batched)
     assert batched.num_pairs.tolist()[: len(PROMPTS)] == [d.num_pairs for d in per_row]
 
 
