@@ -61,7 +61,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder, name = str(gguf_path.parent), gguf_path.name
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     state = quantised.state_dict()
@@ -77,6 +76,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         raise RuntimeError(
             f"GGUF conversion of {gguf_path}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))  # this conversion's own
     try:
         model.to(torch.bfloat16).save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
