@@ -519,7 +519,7 @@ class Trainer:
             spent = budget.after_step(self.step)
             if budget.timed_step_s is not None and not budget.planned:
                 self._fit_to_budget(budget, bar)
-            stop = budget.enabled and self._all_ranks_agree(spent)
+            stop = budget.enabled and self._max_over_ranks(float(spent)) > 0  # all ranks stop at one step
             last = self.step == self.total_steps or stop
             if bar is not None:
                 bar.update(1)
@@ -543,11 +543,7 @@ class Trainer:
         """Cut the planned steps to what the rest of the time budget holds at the timed pace (the slowest
         rank's), and re-plan the warmup + cosine schedule over them so that it still completes."""
         budget.planned = True
-        step_s = budget.timed_step_s or 0.0
-        if self.dist.enabled:  # every rank must plan the same number of steps
-            t = torch.tensor([step_s], dtype=torch.float64, device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            step_s = float(t.item())
+        step_s = self._max_over_ranks(budget.timed_step_s or 0.0)  # every rank plans the same steps
         fits = self.step + int(BUDGET_USABLE * budget.remaining_s() / max(step_s, 1e-9))
         if fits >= self.total_steps:
             return
@@ -564,13 +560,13 @@ class Trainer:
             bar.total = self.total_steps
             bar.refresh()
 
-    def _all_ranks_agree(self, flag: bool) -> bool:
-        """``flag`` on any rank (so that all ranks stop at the same step)."""
+    def _max_over_ranks(self, value: float) -> float:
+        """The largest ``value`` of all ranks (this rank's own when not distributed)."""
         if not self.dist.enabled:
-            return flag
-        t = torch.tensor([float(flag)], device=self.device)
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return float(t.item())
 
     def close(self) -> None:
         if self.dist.enabled and dist.is_initialized():
