@@ -22,7 +22,7 @@ CHUNK_MIB=${CHUNK_MIB:-58}         # one carried chunk + the working tree (~2 Mi
 # --- the protocol (issue 13): change here, nowhere else -------------------------------------------------------
 HOLDOUT=${HOLDOUT:-256}            # training prompts held out for checkpoint selection (never trained on)
 KEEP=${KEEP:-5}                    # checkpoints kept for selection
-SAVE_EVERY=${SAVE_EVERY:-300}      # 16,123 - 256 prompts x 3 epochs / 32 per step = ~1,490 steps -> 5 checkpoints
+SAVE_EVERY=${SAVE_EVERY:-150}      # 16,123 - 256 prompts x 3 epochs / 64 per step = ~740 steps -> 5 checkpoints
 SELECT_PROMPTS=${SELECT_PROMPTS:-64}
 SELECT_TOKENS=${SELECT_TOKENS:-256}
 EVAL_CAP=${EVAL_CAP:-16}           # prompts per benchmark (shuffled with evaluation.shuffle_seed, first user turn)
@@ -41,8 +41,10 @@ REGEN_CONCURRENCY=${REGEN_CONCURRENCY:-256}  # requests in flight per server (ea
 REGEN_SERVERS=${REGEN_SERVERS:-3}       # embedded servers sharing the GPU (each one's loop is host-bound)
 # `start` (the whole run in one background process): a time slot per phase, so that the run fits the
 # session's device time; training re-plans its steps to the slot (training.time_budget_minutes)
-PIPE_REGEN_S=${PIPE_REGEN_S:-360}
-PIPE_TRAIN_MIN=${PIPE_TRAIN_MIN:-6}
+PIPE_REGEN_S=${PIPE_REGEN_S:-240}     # resuming the journal: ~2,800 records left after the first session
+PIPE_TRAIN_MIN=${PIPE_TRAIN_MIN:-9}
+PIPE_NGRAM=${PIPE_NGRAM:-1}             # 0: keep an earlier session's n-gram floor (same prompts, same seeds)
+PIPE_SPEED=${PIPE_SPEED:-1}             # 1: end with bench/decode_gpu.py speed alone on the GPU
 SWEEP_CAP=${SWEEP_CAP:-4}               # prompts per benchmark of the speedup sweep (alone on the GPU)
 
 # `smoke` (here, CPU, a minute) runs the device stages on a tiny random target to check this script itself.
@@ -283,15 +285,17 @@ pipeline() {
     echo "no CUDA: the CUDA-graph check does not apply" >"$RUN/logs/decode_gpu_check.log"
   fi
   wait "${pids[@]}" || true
-  phase "decode_gpu check: batched Eagle3 drafter usable=$batched"
+  phase "decode_gpu check: batched drafters usable=$batched"
   bring_back decode-gpu-check "$RUN/logs/decode_gpu_check.log" "$RUN"/logs/train-*.log
   phase "select (side by side)"
   pids=()
   for algo in eagle3 dflash dspark; do select_ckpt "$algo" >"$RUN/logs/select-$algo.log" 2>&1 & pids+=($!); done
   wait "${pids[@]}" || true
-  phase "eval: 3 drafts + n-gram floor at T = 0 and T = 1 (side by side, batch 32)"
+  local evaluated=(eagle3 dflash dspark)
+  [ "$PIPE_NGRAM" = 1 ] && evaluated+=(ngram)
+  phase "eval: ${evaluated[*]} at T = 0 and T = 1 (side by side, batch 32)"
   pids=()
-  for algo in eagle3 dflash dspark ngram; do
+  for algo in "${evaluated[@]}"; do
     for t in 0 1; do
       SWEEP=32 BATCHED_DRAFTER=$batched evaluate "$algo" "$t" >"$RUN/logs/eval-$algo-t$t.log" 2>&1 & pids+=($!)
     done
@@ -314,6 +318,14 @@ EOF
     BATCHED_DRAFTER=$batched sweep "$best" >"$RUN/logs/sweep-$best.log" 2>&1 || true
   fi
   bring_back logs "$RUN/logs" "$PIPE/phases.log"
+  if [ "$PIPE_SPEED" = 1 ] && [ "$DEVICE" = cuda ]; then
+    phase "decode_gpu speed alone (random weights of the real shapes: round and step times)"
+    local speed=$RUN/speed
+    mkdir -p "$speed"
+    STAGE_NAME=speed record $PY bench/decode_gpu.py speed --out "$speed/decode_speed.json"
+    timeout 560 $PY bench/decode_gpu.py speed --out "$speed/decode_speed.json" >"$speed/decode_speed.log" 2>&1 || true
+    bring_back speed "$speed" "$PIPE/phases.log"
+  fi
   phase finished
   touch "$PIPE/finished"
 }
