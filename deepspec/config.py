@@ -337,6 +337,14 @@ class TrainingConfig(StrictModel):
         ge=1,
         description="Size micro-batches by padded tokens instead (length-sorted; micro_batch_size unused).",
     )
+    packing: bool = Field(
+        False,
+        description="Pack several sequences into each row instead of padding every sequence to the longest: "
+        "rows as long as the longest training sequence, micro_batch_tokens // that length rows per "
+        "micro-batch (micro_batch_size rows without a token budget), so every micro-batch has one fixed "
+        "shape. Position ids restart at 0 and attention stays inside each sequence, in the target and the "
+        "draft.",
+    )
     epochs: float = Field(10, gt=0, description="Passes over the data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     time_budget_minutes: float | None = Field(
@@ -350,7 +358,8 @@ class TrainingConfig(StrictModel):
     precision: Literal["bf16", "fp32"] = Field("bf16", description="Autocast precision (fp32 on CPU).")
     parallelism: Literal["ddp", "fsdp2"] = Field("ddp", description="Data parallelism under torchrun.")
     compile: Literal["auto", "on", "off"] = Field(
-        "auto", description="torch.compile the draft's layers (auto: Eagle3 on CUDA, where it was measured to help)."
+        "auto",
+        description="torch.compile the draft's layers (auto: Eagle3 on CUDA, where it was measured to help).",
     )
     seed: int = Field(0)
     log_every: int = Field(10, ge=1)

@@ -13,6 +13,11 @@
   ranks. Every rank computes the same global split, so all ranks run the same number of micro-batches
   (FSDP2 gathers weights in every forward). Its whole state is ``(epoch, index)``, independent of the
   world size, saved in checkpoints for an exact resume (also onto another number of processes).
+* Packing (``training.packing``, :class:`PackedShape`): the global batch is instead packed first-fit
+  decreasing into rows of a fixed length, several sequences per row, and the rows are grouped into
+  micro-batches of a fixed number of rows, so that every micro-batch has the same shape
+  ``[rows, row_length]`` and padding is only the unfilled end of each row. :func:`pack_batch` lays a
+  micro-batch out with position ids restarting at 0 for each sequence.
 """
 
 from __future__ import annotations
@@ -164,6 +169,46 @@ def token_frequencies(sequences: Iterable[TokenizedSequence], vocab_size: int) -
 # --------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PackedShape:
+    """The fixed shape of every packed micro-batch: ``rows`` rows of ``row_length`` tokens."""
+
+    rows: int
+    row_length: int
+
+    @classmethod
+    def for_training(
+        cls, lengths: list[int], micro_batch_size: int, micro_batch_tokens: int | None
+    ) -> PackedShape:
+        """Rows as long as the longest sequence (so that any sequence fits a row); as many rows as fit
+        ``micro_batch_tokens`` (at least one), or ``micro_batch_size`` rows without a token budget."""
+        row_length = max(lengths)
+        rows = micro_batch_size if micro_batch_tokens is None else max(1, micro_batch_tokens // row_length)
+        return cls(rows, row_length)
+
+
+def pack_rows(indices: list[int], lengths: list[int], row_length: int) -> list[list[int]]:
+    """First-fit decreasing: ``indices`` (any order) into rows of at most ``row_length`` tokens.
+
+    Rows come in the order they were opened; inside a row, sequences keep their placement order (longest
+    first). Deterministic: ties keep the order of ``indices``.
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(indices, key=lambda j: -lengths[j]):
+        n = lengths[i]
+        if n > row_length:
+            raise ValueError(f"sequence {i} has {n} tokens, more than the packed row length {row_length}")
+        r = next((r for r, free in enumerate(room) if free >= n), None)
+        if r is None:
+            rows.append([i])
+            room.append(row_length - n)
+        else:
+            rows[r].append(i)
+            room[r] -= n
+    return rows
+
+
 class ResumableBatchSampler:
     """Deterministic global batches over seeded epoch permutations, with a resumable ``(epoch, index)``.
 
@@ -181,10 +226,17 @@ class ResumableBatchSampler:
         world_size: int = 1,
         seed: int = 0,
         micro_batch_tokens: int | None = None,
+        packed: PackedShape | None = None,
     ):
+        """``packed``: pack each global batch into micro-batches of this fixed shape (use
+        :meth:`next_packed_global_batch`); ``micro_batch_size`` / ``micro_batch_tokens`` are then unused."""
         if not lengths:
             raise ValueError("no training sequences: the dataset is empty after filtering")
-        if micro_batch_tokens is None and global_batch_size % (micro_batch_size * world_size):
+        if (
+            packed is None
+            and micro_batch_tokens is None
+            and global_batch_size % (micro_batch_size * world_size)
+        ):
             raise ValueError(
                 f"training.global_batch_size {global_batch_size} must be a multiple of "
                 f"micro_batch_size x world_size = {micro_batch_size} x {world_size}"
@@ -197,6 +249,7 @@ class ResumableBatchSampler:
         self.global_batch_size = global_batch_size
         self.micro_batch_size = micro_batch_size
         self.micro_batch_tokens = micro_batch_tokens
+        self.packed = packed
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.epoch, self.index = 0, 0
         self._perm_epoch = -1
@@ -216,6 +269,33 @@ class ResumableBatchSampler:
 
     def next_global_batch(self) -> list[list[int]]:
         """This rank's micro-batches (lists of dataset indices) for the next optimizer step."""
+        if self.packed is not None:
+            raise RuntimeError("a packing sampler hands out rows: call next_packed_global_batch()")
+        micro = self._split(self._next_chosen())
+        return micro[self.rank :: self.world_size]
+
+    def next_packed_global_batch(self) -> list[list[list[int]]]:
+        """This rank's packed micro-batches for the next optimizer step: each a list of at most
+        ``packed.rows`` rows, each row a list of dataset indices whose lengths sum to at most
+        ``packed.row_length``. Every rank gets the same number of micro-batches."""
+        if self.packed is None:
+            raise RuntimeError("this sampler does not pack: call next_global_batch()")
+        shape = self.packed
+        rows = pack_rows(self._next_chosen(), self.lengths, shape.row_length)
+        # a multiple of world_size micro-batches, none empty: split the fullest rows while too few rows
+        count = -(-len(rows) // shape.rows)
+        count = -(-count // self.world_size) * self.world_size
+        while len(rows) < count:
+            k = max(range(len(rows)), key=lambda j: len(rows[j]))
+            half = (len(rows[k]) + 1) // 2
+            rows[k : k + 1] = [rows[k][:half], rows[k][half:]]
+        # rows dealt as evenly as possible (consecutive rows: similar fill in one micro-batch)
+        bounds = [len(rows) * m // count for m in range(count + 1)]
+        micro = [rows[bounds[m] : bounds[m + 1]] for m in range(count)]
+        return micro[self.rank :: self.world_size]
+
+    def _next_chosen(self) -> list[int]:
+        """The next ``global_batch_size`` dataset indices, longest first."""
         chosen: list[int] = []
         while len(chosen) < self.global_batch_size:
             perm = self._permutation(self.epoch)
@@ -226,8 +306,7 @@ class ResumableBatchSampler:
                 self.epoch, self.index = self.epoch + 1, 0
         # Length bucketing inside the global batch (stable sort: ties keep the permutation order).
         chosen.sort(key=lambda i: -self.lengths[i])
-        micro = self._split(chosen)
-        return micro[self.rank :: self.world_size]
+        return chosen
 
     def _split(self, chosen: list[int]) -> list[list[int]]:
         """Cut the length-sorted global batch into micro-batches, a multiple of ``world_size`` of them."""
@@ -269,6 +348,35 @@ def pad_batch(sequences: list[TokenizedSequence], pad_id: int = 0) -> dict[str, 
         n = s.input_ids.numel()
         ids[i, :n], attn[i, :n], loss[i, :n] = s.input_ids, 1, s.loss_mask
     return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+
+
+def pack_batch(
+    rows: list[list[TokenizedSequence]], shape: PackedShape, pad_id: int = 0
+) -> dict[str, torch.Tensor]:
+    """Lay packed rows out as one ``[shape.rows, shape.row_length]`` micro-batch.
+
+    Returns input_ids, attention_mask (0 on each row's unfilled end and on missing rows), loss_mask and
+    position_ids: each sequence's positions restart at 0, and a row's unfilled end counts as one more
+    sequence (positions 0, 1, ...), so nothing real attends to it or from it.
+    """
+    if len(rows) > shape.rows:
+        raise ValueError(f"{len(rows)} rows do not fit a packed micro-batch of {shape.rows}")
+    r, t = shape.rows, shape.row_length
+    ids = torch.full((r, t), pad_id, dtype=torch.long)
+    attn = torch.zeros((r, t), dtype=torch.long)
+    loss = torch.zeros((r, t), dtype=torch.long)
+    pos = torch.arange(t).repeat(r, 1)
+    for i, row in enumerate(rows):
+        at = 0
+        for s in row:
+            n = s.input_ids.numel()
+            if at + n > t:
+                raise ValueError(f"row {i} holds more than {t} tokens")
+            ids[i, at : at + n], attn[i, at : at + n], loss[i, at : at + n] = s.input_ids, 1, s.loss_mask
+            pos[i, at : at + n] = torch.arange(n)
+            at += n
+        pos[i, at:] = torch.arange(t - at)
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "position_ids": pos}
 
 
 def load_sequences(recipe: Any, tokenizer: Any, progress: bool = False) -> list[TokenizedSequence]:

@@ -57,13 +57,18 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 
 
-def sample_anchors(supervised: torch.Tensor, num_anchors: int) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_anchors(
+    supervised: torch.Tensor, num_anchors: int, segments: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick up to ``num_anchors`` anchors per sequence among positions a whose next token is supervised.
 
-    supervised: [B, T] bool. Returns anchors [B, N] (sorted; padding entries are 0) and valid [B, N] bool,
-    N = min(num_anchors, most eligible positions in a row). Uses the global torch RNG of the device, so a
-    trainer that restores RNG state replays the same anchors.
+    supervised: [B, T] bool. segments: [B, T] sequence index of each token in a packed row
+    (:meth:`DraftBatch.segments`), None when every row holds one sequence. Returns anchors [B, N] (sorted;
+    padding entries are 0) and valid [B, N] bool, N = the most anchors of a row. Uses the global torch RNG
+    of the device, so a trainer that restores RNG state replays the same anchors.
     """
+    if segments is not None:
+        return _sample_packed_anchors(supervised, num_anchors, segments)
     b, t = supervised.shape
     eligible = torch.zeros_like(supervised)
     eligible[:, :-1] = supervised[:, 1:]
@@ -79,17 +84,50 @@ def sample_anchors(supervised: torch.Tensor, num_anchors: int) -> tuple[torch.Te
     return anchors.gather(1, order), valid.gather(1, order)
 
 
-def build_block_mask(anchors: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+def _sample_packed_anchors(
+    supervised: torch.Tensor, num_anchors: int, segments: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sample_anchors` on packed rows: up to ``num_anchors`` per *sequence*, none whose next token
+    lies in the following sequence."""
+    b, t = supervised.shape
+    dev = supervised.device
+    eligible = torch.zeros_like(supervised)
+    eligible[:, :-1] = supervised[:, 1:] & (segments[:, 1:] == segments[:, :-1])
+    scores = torch.rand(b, t, device=dev)
+    # rank of each eligible position among its sequence's, by descending score: order by (sequence, -score)
+    key = segments.double() * 4 + torch.where(eligible, 1.0 - scores.double(), 2.0)
+    order = key.argsort(dim=1)
+    seg_sorted = segments.gather(1, order)
+    idx = torch.arange(t, device=dev).expand(b, t)
+    starts = torch.where(seg_sorted != seg_sorted.roll(1, dims=1), idx, torch.zeros_like(idx))
+    starts[:, 0] = 0
+    rank_sorted = idx - starts.cummax(dim=1).values  # rank inside the sequence's run of the sorted order
+    rank = torch.empty_like(rank_sorted).scatter_(1, order, rank_sorted)
+    chosen = eligible & (rank < num_anchors)
+    n = int(chosen.sum(1).max()) if b else 0
+    by_position = torch.where(chosen, idx, torch.full_like(idx, t)).sort(dim=1).values[:, :n]  # ascending
+    valid = by_position < t
+    return torch.where(valid, by_position, torch.zeros_like(by_position)), valid
+
+
+def build_block_mask(
+    anchors: torch.Tensor, seq_len: int, block_size: int, starts: torch.Tensor | None = None
+) -> torch.Tensor:
     """Dense boolean mask [B, N*gamma, T + N*gamma] for packed blocks (True = may attend).
 
     Query slot i belongs to block n = i // gamma with anchor a_n. Keys 0..T-1 are the context positions
-    (allowed iff position < a_n); keys T + j are block slots (allowed iff slot j is in the same block).
+    (allowed iff start_n <= position < a_n, start_n the first position of the anchor's sequence: 0 unless
+    ``starts`` [B, N] gives it for packed rows); keys T + j are block slots (allowed iff slot j is in the
+    same block).
     """
     b, n = anchors.shape
     g = block_size
     dev = anchors.device
     q_block = torch.arange(n * g, device=dev) // g  # [Nq]
-    ctx = torch.arange(seq_len, device=dev)[None, None, :] < anchors[:, q_block][:, :, None]  # [B, Nq, T]
+    kv = torch.arange(seq_len, device=dev)[None, None, :]
+    ctx = kv < anchors[:, q_block][:, :, None]  # [B, Nq, T]
+    if starts is not None:
+        ctx &= kv >= starts[:, q_block][:, :, None]
     same = q_block[:, None] == q_block[None, :]  # [Nq, Nq]
     return torch.cat([ctx, same[None].expand(b, -1, -1)], dim=2)
 
@@ -110,15 +148,18 @@ def _flex_attention():
     return _FLEX
 
 
-def block_flex_mask(anchors: torch.Tensor, seq_len: int, block_size: int):  # pragma: no cover - CUDA only
+def block_flex_mask(
+    anchors: torch.Tensor, seq_len: int, block_size: int, starts: torch.Tensor | None = None
+):  # pragma: no cover - CUDA only
     """The same pattern as :func:`build_block_mask` as a flex-attention BlockMask."""
     _, create_block_mask = _flex_attention()
     b, n = anchors.shape
     g, t = block_size, seq_len
+    first = torch.zeros_like(anchors) if starts is None else starts
 
     def mask_mod(bi, _h, q_idx, kv_idx):
         blk = q_idx // g
-        in_ctx = (kv_idx < t) & (kv_idx < anchors[bi, blk])
+        in_ctx = (kv_idx < t) & (kv_idx < anchors[bi, blk]) & (kv_idx >= first[bi, blk])
         in_blk = (kv_idx >= t) & ((kv_idx - t) // g == blk)
         return in_ctx | in_blk
 
@@ -257,14 +298,18 @@ class DFlashDraft(DraftModel):
         n = anchors.shape[1]
         dev = batch.input_ids.device
         slot = torch.arange(g, device=dev)
-        pos = anchors[:, :, None] + slot  # [B, N, g] positions a..a+g-1
+        positions = batch.positions()  # [B, T] inside each sequence (packed rows restart at 0)
+        anchor_pos = positions.gather(1, anchors)  # [B, N]
+        pos = anchor_pos[:, :, None] + slot  # [B, N, g] positions a..a+g-1 of the anchor's sequence
+        # packed rows: the first row index of each anchor's sequence (its context starts there)
+        starts = anchors - anchor_pos if batch.packed else None
         # block input: the anchor token, then mask tokens
         block_ids = torch.full((b, n, g), self.mask_token_id, dtype=torch.long, device=dev)
         block_ids[:, :, 0] = batch.input_ids.gather(1, anchors)
         h = self.embed(block_ids.view(b, n * g))  # [B, Nq, H]
         rope_q = self.rotary(pos.view(b, n * g))
         ctx = self.context(batch.features)  # [B, T, H]
-        rope_c = self.rotary(torch.arange(t, device=dev))
+        rope_c = self.rotary(positions if batch.packed else torch.arange(t, device=dev))
 
         def run_layers(mask: Any) -> torch.Tensor:
             x = h
@@ -275,7 +320,7 @@ class DFlashDraft(DraftModel):
         out = None
         if self._use_flex(dev):
             try:
-                out = run_layers(block_flex_mask(anchors, t, g))
+                out = run_layers(block_flex_mask(anchors, t, g, starts))
             except Exception as e:  # pragma: no cover - compile failures on some CUDA stacks
                 global _FLEX
                 log.warning(
@@ -285,7 +330,7 @@ class DFlashDraft(DraftModel):
                 )
                 _FLEX = False
         if out is None:
-            out = run_layers(build_block_mask(anchors, t, g)[:, None])  # mask [B, 1, Nq, T + Nq]
+            out = run_layers(build_block_mask(anchors, t, g, starts)[:, None])  # mask [B, 1, Nq, T + Nq]
         first = self.first_predicting_slot
         hidden = self.norm(out).view(b, n, g, -1)[:, :, first:]  # [B, N, P, H]
 
@@ -295,6 +340,9 @@ class DFlashDraft(DraftModel):
         lab_pos = prev_pos + 1
         inside = lab_pos < t
         lab_pos_c = lab_pos.clamp(max=t - 1).view(b, n * p)
+        if batch.packed:  # a label in the next sequence of the row is outside this one
+            seg = batch.segments()
+            inside &= seg.gather(1, lab_pos_c).view(b, n, p) == seg.gather(1, anchors)[:, :, None]
         labels = batch.input_ids.gather(1, lab_pos_c).view(b, n, p).masked_fill(~inside, 0)
         sup = batch.supervised().gather(1, lab_pos_c).view(b, n, p) & inside
         valid = sup.long().cumprod(dim=-1).bool() & anchor_valid[:, :, None]
@@ -325,7 +373,8 @@ class DFlashDraft(DraftModel):
     ) -> BlockForward:
         """Run the blocks of the given anchors (default: ``num_anchors`` sampled supervised positions)."""
         if anchors is None:
-            anchors, anchor_valid = sample_anchors(batch.supervised(), self.cfg.num_anchors)
+            segments = batch.segments() if batch.packed else None
+            anchors, anchor_valid = sample_anchors(batch.supervised(), self.cfg.num_anchors, segments)
         elif anchor_valid is None:
             anchor_valid = torch.ones_like(anchors, dtype=torch.bool)
         return self.block_forward(batch, anchors, anchor_valid)

@@ -29,6 +29,11 @@ class DraftBatch:
 
     Convention: ``loss_mask[t] = 1`` means token ``t`` is an assistant token; a draft predicting token ``t``
     from context ``< t`` is supervised iff ``loss_mask[t] = 1``.
+
+    Packed rows (``training.packing``): ``position_ids`` gives each token's position inside its own
+    sequence; it restarts at 0 where the next sequence of the row begins (the row's padding tail is one
+    more segment of its own, with ``attention_mask`` 0). Without it every row holds one sequence from
+    position 0. Drafts keep attention, shifted targets and anchors inside each sequence (:meth:`segments`).
     """
 
     input_ids: torch.Tensor  # [B, T] long
@@ -36,13 +41,44 @@ class DraftBatch:
     loss_mask: torch.Tensor  # [B, T] 1 = assistant token whose prediction is supervised
     features: torch.Tensor  # [B, T, k*H] target layer outputs at each position
     target_last_hidden: torch.Tensor  # [B, T, H] target final normed hidden (lm_head input)
+    position_ids: torch.Tensor | None = None  # [B, T] long, packed rows only (see the class docstring)
 
     def to(self, device: torch.device | str) -> DraftBatch:
-        return DraftBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        return DraftBatch(
+            *(None if (v := getattr(self, f)) is None else v.to(device) for f in self.__dataclass_fields__)
+        )
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
 
     def supervised(self) -> torch.Tensor:
         """[B, T] bool: token t is a real, supervised assistant token."""
         return self.loss_mask.bool() & self.attention_mask.bool()
+
+    def positions(self) -> torch.Tensor:
+        """[B, T] long: each token's position inside its own sequence."""
+        if self.position_ids is not None:
+            return self.position_ids
+        b, t = self.input_ids.shape
+        return torch.arange(t, device=self.input_ids.device).expand(b, t)
+
+    def segments(self) -> torch.Tensor:
+        """[B, T] long: which sequence of its row each token belongs to (0, 1, ... from the left)."""
+        return segment_ids(self.positions())
+
+
+def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] positions restarting at 0 for each packed sequence -> [B, T] sequence index in the row."""
+    return (position_ids == 0).long().cumsum(-1) - 1
+
+
+def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """Bool [B, 1, T, T] (True = may attend): causal inside each packed sequence, nothing across."""
+    seg = segment_ids(position_ids)
+    t = seg.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool, device=seg.device).tril()
+    return (causal & (seg[:, :, None] == seg[:, None, :]))[:, None]
 
 
 @dataclass

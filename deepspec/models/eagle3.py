@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from deepspec.models.base import Proposal, sample_from_logits
-from deepspec.models.draft import DraftBatch, DraftModel, DraftOutput
+from deepspec.models.draft import DraftBatch, DraftModel, DraftOutput, packed_causal_mask
 from deepspec.models.layers import MLP, Attention, DraftDims, KVCache, RMSNorm, RotaryEmbedding, sdpa
 from deepspec.models.vocab_loss import VocabLossTerms, position_acceptance
 
@@ -98,11 +98,13 @@ def ttt_attention(
     v0: torch.Tensor,
     k_diag: list[torch.Tensor],
     v_diag: list[torch.Tensor],
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of unroll step k >= 1 over the step-0 cache (causal) and steps 1..k at the same pair.
 
     q: [B, H, T, d]; k0/v0: [B, Hkv, T, d] (step-0 keys of every pair); k_diag/v_diag: k tensors of
     [B, Hkv, T, d] (steps 1..k; entry j only visible to query j). Exact softmax over all visible keys.
+    mask: bool [B, 1, T, T] over the step-0 keys (packed rows: causal inside each sequence), default causal.
     """
     groups = q.shape[1] // k0.shape[1]
 
@@ -112,8 +114,9 @@ def ttt_attention(
     t = q.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores0 = torch.matmul(q, rep(k0).transpose(-1, -2)).float() * scale  # [B, H, T, T]
-    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    scores0 = scores0.masked_fill(~causal, float("-inf"))
+    if mask is None:
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    scores0 = scores0.masked_fill(~mask, float("-inf"))
     diag = [(q.float() * rep(k).float()).sum(-1, keepdim=True) * scale for k in k_diag]  # each [B, H, T, 1]
     probs = torch.softmax(torch.cat([scores0, *diag], dim=-1), dim=-1)
     out = torch.matmul(probs[..., :t].to(v0.dtype), rep(v0)).float()
@@ -194,12 +197,23 @@ class Eagle3Draft(DraftModel):
 
     # ---- training ---------------------------------------------------------------------------------
 
-    def unroll(self, input_ids: torch.Tensor, features: torch.Tensor, steps: int) -> list[torch.Tensor]:
-        """Efficient TTT unroll: the output hidden states [B, T, H] of steps 0..steps-1 (pre final norm)."""
+    def unroll(
+        self,
+        input_ids: torch.Tensor,
+        features: torch.Tensor,
+        steps: int,
+        position_ids: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Efficient TTT unroll: the output hidden states [B, T, H] of steps 0..steps-1 (pre final norm).
+
+        position_ids: [B, T] positions restarting at 0 for each sequence of a packed row (see
+        :class:`DraftBatch`): attention then stays inside each sequence; None: one sequence per row.
+        """
         _b, t = input_ids.shape
         layer = self.midlayer
         hidden = self.fc(features.to(self.param_dtype))  # [B, T, H]
-        pos = torch.arange(t, device=input_ids.device)
+        pos = torch.arange(t, device=input_ids.device) if position_ids is None else position_ids
+        mask = None if position_ids is None else packed_causal_mask(position_ids)  # [B, 1, T, T]
         k0 = v0 = None
         k_diag: list[torch.Tensor] = []
         v_diag: list[torch.Tensor] = []
@@ -212,11 +226,11 @@ class Eagle3Draft(DraftModel):
             kk, vv = layer.self_attn.project_kv(x, cos, sin)
             if k == 0:
                 k0, v0 = kk, vv
-                attn = sdpa(q, kk, vv, is_causal=True)
+                attn = sdpa(q, kk, vv, mask=mask, is_causal=True)
             else:
                 k_diag.append(kk)
                 v_diag.append(vv)
-                attn = ttt_attention(q, k0, v0, k_diag, v_diag)  # type: ignore[arg-type]
+                attn = ttt_attention(q, k0, v0, k_diag, v_diag, mask)  # type: ignore[arg-type]
             hidden = layer.finish(hidden, attn)
             outs.append(hidden)
         return outs
@@ -229,12 +243,13 @@ class Eagle3Draft(DraftModel):
         steps, decay = self.cfg.ttt_steps, self.cfg.ttt_decay
         b, t = batch.input_ids.shape
         sup = batch.supervised()  # [B, T]: token t is supervised
-        outs = self.unroll(batch.input_ids, batch.features, steps)
+        seg = batch.segments()  # packed rows: pair j's shifted tokens and targets must be in its own sequence
+        outs = self.unroll(batch.input_ids, batch.features, steps, batch.position_ids)
         # Rows of all unroll steps go through one chunked LM-head loss. Step k, pair j predicts x_{j+2+k}; its
         # target distribution is the target's next-token distribution at position j+1+k.
         xs, target_hidden, coefs, step_rows, valids = [], [], [], [], []
         for k, out in enumerate(outs):
-            valid = _shift_left(sup.long(), 2 + k).bool()  # [B, T]
+            valid = _shift_left(sup.long(), 2 + k).bool() & (_shift_left(seg, 2 + k) == seg)  # [B, T]
             bi, j = valid.nonzero(as_tuple=True)
             xs.append(self.norm(out[bi, j]))  # [n_k, H] LM-head input
             target_hidden.append(batch.target_last_hidden[bi, j + 1 + k])

@@ -1,7 +1,10 @@
 """Where a micro-batch's target features come from: the resident target (online) or the cache (offline).
 
-Both sources expose the same two things, so the trainer does not care which one it has:
-``lengths`` (token count of every sequence, for the sampler) and ``batch(indices) -> DraftBatch``.
+Both sources expose the same things, so the trainer does not care which one it has: ``lengths``
+(token count of every sequence, for the sampler), ``batch(indices) -> DraftBatch`` (right-padded, one
+sequence per row) and ``packed_batch(rows, shape) -> DraftBatch`` (``training.packing``: several
+sequences per row, position ids restarting at 0 for each; the target's attention stays inside each
+sequence, see :meth:`OnlineFeatures.packed_batch`).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from deepspec.data.sequences import TokenizedSequence, pad_batch
+from deepspec.data.sequences import PackedShape, TokenizedSequence, pack_batch, pad_batch
 
 if TYPE_CHECKING:
     from deepspec.features.cache import FeatureCache
@@ -23,6 +26,8 @@ class FeatureSource(Protocol):
 
     def batch(self, indices: list[int]) -> DraftBatch: ...
 
+    def packed_batch(self, rows: list[list[int]], shape: PackedShape) -> DraftBatch: ...
+
 
 class OnlineFeatures:
     """Runs the frozen target under ``no_grad`` on each micro-batch (no disk)."""
@@ -32,19 +37,37 @@ class OnlineFeatures:
         self.lengths = [int(s.input_ids.numel()) for s in sequences]
 
     def batch(self, indices: list[int]) -> DraftBatch:
+        return self._through_target(pad_batch([self.sequences[i] for i in indices], self.pad_id))
+
+    def packed_batch(self, rows: list[list[int]], shape: PackedShape) -> DraftBatch:
+        """Packed rows through the target in one forward.
+
+        The target gets ``position_ids`` and no attention mask: transformers' mask builder
+        (``masking_utils.find_packed_sequence_indices``, used by Llama, Qwen3, Mistral, Gemma... with
+        sdpa / eager / flex attention, and the flash-attention varlen path) then makes attention causal
+        inside each sequence, where the position ids restart at 0, and RoPE positions restart too.
+        """
+        laid_out = pack_batch([[self.sequences[i] for i in row] for row in rows], shape, self.pad_id)
+        return self._through_target(laid_out)
+
+    def _through_target(self, tokens: dict[str, torch.Tensor]) -> DraftBatch:
+        """Laid-out tokens (:func:`pad_batch` or :func:`pack_batch`) with the target's features."""
         from deepspec.models.draft import DraftBatch
 
         dev = self.target.device
-        padded = {
-            k: v.to(dev) for k, v in pad_batch([self.sequences[i] for i in indices], self.pad_id).items()
-        }
-        out = self.target.capture(padded["input_ids"], attention_mask=padded["attention_mask"])
+        t = {k: v.to(dev) for k, v in tokens.items()}
+        position_ids = t.get("position_ids")
+        if position_ids is None:
+            out = self.target.capture(t["input_ids"], attention_mask=t["attention_mask"])
+        else:
+            out = self.target.capture(t["input_ids"], position_ids=position_ids)
         return DraftBatch(
-            input_ids=padded["input_ids"],
-            attention_mask=padded["attention_mask"],
-            loss_mask=padded["loss_mask"],
+            input_ids=t["input_ids"],
+            attention_mask=t["attention_mask"],
+            loss_mask=t["loss_mask"],
             features=out.features,
             target_last_hidden=out.last_hidden,
+            position_ids=position_ids,
         )
 
 
@@ -57,24 +80,38 @@ class OfflineFeatures:
         self.sequences = _LazySequences(cache)
 
     def batch(self, indices: list[int]) -> DraftBatch:
+        return self._assemble(pad_batch([self.cache.sequence(i) for i in indices]), [[i] for i in indices])
+
+    def packed_batch(self, rows: list[list[int]], shape: PackedShape) -> DraftBatch:
+        """Cached features of each sequence laid side by side in its row (each was computed alone)."""
+        laid_out = pack_batch([[self.cache.sequence(i) for i in row] for row in rows], shape)
+        return self._assemble(laid_out, rows)
+
+    def _assemble(self, tokens: dict[str, torch.Tensor], rows: list[list[int]]) -> DraftBatch:
+        """A DraftBatch of laid-out ``tokens`` with the cached features of the sequences of ``rows``,
+        placed one after the other from the start of each row."""
         from deepspec.models.draft import DraftBatch
 
-        seqs = [self.cache.sequence(i) for i in indices]
-        padded = pad_batch(seqs)
-        b, t = padded["input_ids"].shape
+        b, t = tokens["input_ids"].shape
         h = self.cache.hidden_size
         feats = torch.zeros(b, t, len(self.layer_ids) * h)
         last = torch.zeros(b, t, h)
-        for row, i in enumerate(indices):
-            f, lh = self.cache.features(i, self.layer_ids)
-            feats[row, : f.shape[0]], last[row, : lh.shape[0]] = f, lh
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                f, lh = self.cache.features(i, self.layer_ids)
+                n = f.shape[0]
+                feats[r, at : at + n], last[r, at : at + n] = f, lh
+                at += n
         dev, dt = self.device, self.dtype
+        position_ids = tokens.get("position_ids")
         return DraftBatch(
-            input_ids=padded["input_ids"].to(dev),
-            attention_mask=padded["attention_mask"].to(dev),
-            loss_mask=padded["loss_mask"].to(dev),
+            input_ids=tokens["input_ids"].to(dev),
+            attention_mask=tokens["attention_mask"].to(dev),
+            loss_mask=tokens["loss_mask"].to(dev),
             features=feats.to(dev, dt),
             target_last_hidden=last.to(dev, dt),
+            position_ids=None if position_ids is None else position_ids.to(dev),
         )
 
 

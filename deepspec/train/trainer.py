@@ -4,6 +4,9 @@ The :class:`Trainer` lists its whole inventory as typed attributes and builds it
 sequence in ``__init__`` (torchtitan's layout): distributed set-up -> target -> data -> features ->
 draft (+ compile + parallel wrapper) -> optimizer + scheduler -> checkpointer (+ resume) -> metrics.
 ``train_step`` runs the micro-batches of one global batch (gradient accumulation), clips, steps.
+With ``training.packing`` the micro-batches are packed rows of one fixed shape
+(:class:`~deepspec.data.sequences.PackedShape`); ``padding_fraction`` and tokens/s then describe that
+layout (real tokens over the rows' tokens).
 
 FSDP2 (``training.parallelism: fsdp2``) shards the draft with ``fully_shard`` (each DFlash/DSpark
 layer, then the root); with ``precision: bf16`` the gathered parameters are bf16 and gradients are reduced
@@ -36,6 +39,7 @@ from torch import nn
 
 from deepspec.config import Recipe
 from deepspec.data.sequences import (
+    PackedShape,
     ResumableBatchSampler,
     TokenizedSequence,
     load_sequences,
@@ -170,9 +174,14 @@ class Trainer:
 
         # 2. data + features
         self.features = self._build_features()
+        self.packed_shape = (
+            PackedShape.for_training(self.features.lengths, tc.micro_batch_size, tc.micro_batch_tokens)
+            if tc.packing
+            else None
+        )
         self.sampler = ResumableBatchSampler(
             self.features.lengths, tc.global_batch_size, tc.micro_batch_size,
-            self.dist.rank, self.dist.world_size, tc.seed, tc.micro_batch_tokens,
+            self.dist.rank, self.dist.world_size, tc.seed, tc.micro_batch_tokens, self.packed_shape,
         )  # fmt: skip
         n = len(self.features.lengths)
         self.total_steps = tc.max_steps or max(1, math.ceil(tc.epochs * n / tc.global_batch_size))
@@ -403,8 +412,14 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def forward_backward(self, indices: list[int], scale: float, sync: bool, stats: StepStats) -> None:
-        batch = self.features.batch(indices)
+    def forward_backward(
+        self, micro_batch: list[int] | list[list[int]], scale: float, sync: bool, stats: StepStats
+    ) -> None:
+        """One micro-batch: dataset indices, or with packing its rows (lists of indices)."""
+        if self.packed_shape is not None:
+            batch = self.features.packed_batch(micro_batch, self.packed_shape)  # type: ignore[arg-type]
+        else:
+            batch = self.features.batch(micro_batch)  # type: ignore[arg-type]
         no_sync = getattr(self.model, "no_sync", None)
         ctx = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
@@ -427,10 +442,14 @@ class Trainer:
             stats.acceptance = acc if stats.acceptance is None else stats.acceptance + acc
 
     def train_step(self, stats: StepStats) -> None:
-        micro_batches = self.sampler.next_global_batch()
+        micro_batches: list[Any] = (
+            self.sampler.next_packed_global_batch()
+            if self.packed_shape is not None
+            else self.sampler.next_global_batch()
+        )
         self.optimizer.zero_grad(set_to_none=True)
-        for j, indices in enumerate(micro_batches):
-            self.forward_backward(indices, 1.0 / len(micro_batches), j == len(micro_batches) - 1, stats)
+        for j, micro in enumerate(micro_batches):
+            self.forward_backward(micro, 1.0 / len(micro_batches), j == len(micro_batches) - 1, stats)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], self.recipe.training.grad_clip
         )
