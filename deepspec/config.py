@@ -341,9 +341,9 @@ class TrainingConfig(StrictModel):
         False,
         description="Pack several sequences into each row instead of padding every sequence to the longest: "
         "rows as long as the longest training sequence, micro_batch_tokens // that length rows per "
-        "micro-batch (micro_batch_size rows without a token budget), so every micro-batch has one fixed "
-        "shape. Position ids restart at 0 and attention stays inside each sequence, in the target and the "
-        "draft.",
+        "micro-batch (micro_batch_size rows without a token budget; only a step's last micro-batches may "
+        "hold fewer). Position ids restart at 0 and attention stays inside each sequence, in the target and "
+        "the draft.",
     )
     epochs: float = Field(10, gt=0, description="Passes over the data (ignored when max_steps is set).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")

@@ -14,10 +14,11 @@
   (FSDP2 gathers weights in every forward). Its whole state is ``(epoch, index)``, independent of the
   world size, saved in checkpoints for an exact resume (also onto another number of processes).
 * Packing (``training.packing``, :class:`PackedShape`): the global batch is instead packed first-fit
-  decreasing into rows of a fixed length, several sequences per row, and the rows are grouped into
-  micro-batches of a fixed number of rows, so that every micro-batch has the same shape
-  ``[rows, row_length]`` and padding is only the unfilled end of each row. :func:`pack_batch` lays a
-  micro-batch out with position ids restarting at 0 for each sequence.
+  decreasing into rows of one fixed length, several sequences per row, and the rows are grouped into
+  micro-batches of a fixed number of rows: every micro-batch is ``[rows, row_length]`` (only a step's
+  last ones may hold fewer rows; no all-padding row is computed), and padding is only the unfilled end
+  of each row. :func:`pack_batch` lays a micro-batch out with position ids restarting at 0 for each
+  sequence.
 """
 
 from __future__ import annotations
@@ -289,9 +290,14 @@ class ResumableBatchSampler:
             k = max(range(len(rows)), key=lambda j: len(rows[j]))
             half = (len(rows[k]) + 1) // 2
             rows[k : k + 1] = [rows[k][:half], rows[k][half:]]
-        # rows dealt as evenly as possible (consecutive rows: similar fill in one micro-batch)
-        bounds = [len(rows) * m // count for m in range(count + 1)]
-        micro = [rows[bounds[m] : bounds[m + 1]] for m in range(count)]
+        # full micro-batches of shape.rows rows first, keeping one row at least for each of the rest (no
+        # all-padding row is ever computed: a step's last micro-batches may hold fewer rows)
+        micro: list[list[list[int]]] = []
+        at = 0
+        for m in range(count):
+            take = min(shape.rows, len(rows) - at - (count - 1 - m))
+            micro.append(rows[at : at + take])
+            at += take
         return micro[self.rank :: self.world_size]
 
     def _next_chosen(self) -> list[int]:
@@ -353,15 +359,15 @@ def pad_batch(sequences: list[TokenizedSequence], pad_id: int = 0) -> dict[str, 
 def pack_batch(
     rows: list[list[TokenizedSequence]], shape: PackedShape, pad_id: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Lay packed rows out as one ``[shape.rows, shape.row_length]`` micro-batch.
+    """Lay packed rows out as one ``[len(rows), shape.row_length]`` micro-batch (at most ``shape.rows``).
 
-    Returns input_ids, attention_mask (0 on each row's unfilled end and on missing rows), loss_mask and
+    Returns input_ids, attention_mask (0 on each row's unfilled end), loss_mask and
     position_ids: each sequence's positions restart at 0, and a row's unfilled end counts as one more
     sequence (positions 0, 1, ...), so nothing real attends to it or from it.
     """
     if len(rows) > shape.rows:
         raise ValueError(f"{len(rows)} rows do not fit a packed micro-batch of {shape.rows}")
-    r, t = shape.rows, shape.row_length
+    r, t = len(rows), shape.row_length
     ids = torch.full((r, t), pad_id, dtype=torch.long)
     attn = torch.zeros((r, t), dtype=torch.long)
     loss = torch.zeros((r, t), dtype=torch.long)

@@ -72,10 +72,10 @@ def _run(draft, batch: DraftBatch, anchors=None):
 def test_pack_batch_layout(llama_target):
     a, b, c = (_sequence(llama_target, n, s) for n, s in ((5, 1), (3, 2), (6, 3)))
     out = pack_batch([[a, b], [c]], PackedShape(rows=3, row_length=8))
-    assert out["input_ids"].shape == (3, 8)  # the fixed shape, with a missing third row
+    assert out["input_ids"].shape == (2, 8)  # the fixed row length; no all-padding third row
     assert out["position_ids"][0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
     assert out["position_ids"][1].tolist() == [0, 1, 2, 3, 4, 5, 0, 1]  # the unfilled end: its own segment
-    assert out["attention_mask"].sum(1).tolist() == [8, 6, 0]
+    assert out["attention_mask"].sum(1).tolist() == [8, 6]
     assert torch.equal(out["input_ids"][0, 5:], b.input_ids)
     assert torch.equal(out["loss_mask"][1, :6], c.loss_mask)
     with pytest.raises(ValueError, match="rows do not fit"):
