@@ -50,6 +50,33 @@ class OnlineFeatures:
         laid_out = pack_batch([[self.sequences[i] for i in row] for row in rows], shape, self.pad_id)
         return self._through_target(laid_out)
 
+    def check_packing(self, probe_tokens: int = 16) -> None:
+        """Refuse packing for a target whose forward lets packed sequences see each other.
+
+        Runs two short sequences of the data packed in one row and the second one alone: with packing
+        honoured its features are the same (up to the dtype's rounding), while attention across the
+        boundary changes them about as much as running both as one sequence does.
+        """
+        if len(self.sequences) < 2:
+            return
+        first, second = (
+            TokenizedSequence(s.id, s.input_ids[:probe_tokens], s.loss_mask[:probe_tokens])
+            for s in self.sequences[:2]
+        )
+        n1, n2 = first.input_ids.numel(), second.input_ids.numel()
+        probe = OnlineFeatures(self.target, [first, second], self.pad_id)
+        packed = probe.packed_batch([[0, 1]], PackedShape(1, n1 + n2)).features[0, n1:].float()
+        alone = probe.batch([1]).features[0].float()
+        joined = torch.cat([first.input_ids, second.input_ids])[None].to(self.target.device)
+        continuation = self.target.capture(joined).features[0, n1:].float()  # the second after the first
+        if (packed - alone).abs().max() > 0.1 * (continuation - alone).abs().max():
+            raise ValueError(
+                f"training.packing: the target {type(self.target.model).__name__} (attention "
+                f"{getattr(self.target.config, '_attn_implementation', '?')}) lets packed sequences attend to "
+                f"each other (its forward ignores packed position ids): set training.packing: false, or build "
+                f"an offline feature cache (features.mode: offline), whose features are computed per sequence"
+            )
+
     def _through_target(self, tokens: dict[str, torch.Tensor]) -> DraftBatch:
         """Laid-out tokens (:func:`pad_batch` or :func:`pack_batch`) with the target's features."""
         from deepspec.models.draft import DraftBatch

@@ -255,10 +255,14 @@ class Trainer:
             )
             return OfflineFeatures(cache, self.target.layer_ids, self.device, self.target.dtype)
         if self._given_sequences is not None:
-            return OnlineFeatures(self.target, self._given_sequences)
-        sequences = load_sequences(r, self.tokenizer, progress=self.progress and self.dist.is_main)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        return OnlineFeatures(self.target, sequences, pad_id=pad)
+            online = OnlineFeatures(self.target, self._given_sequences)
+        else:
+            sequences = load_sequences(r, self.tokenizer, progress=self.progress and self.dist.is_main)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            online = OnlineFeatures(self.target, sequences, pad_id=pad)
+        if r.training.packing:
+            online.check_packing()
+        return online
 
     def _init_vocab_mapping(self) -> None:
         """Eagle3 with a reduced vocabulary: d2t/t2d from supervised-token frequencies of the data."""

@@ -184,3 +184,23 @@ def test_packed_anchors_are_sampled_per_sequence():
         assert all(10 <= a <= 14 for a in second)
     few, few_valid = sample_anchors(sup, 100, seg)  # fewer eligible positions than asked: all of them
     assert few[few_valid].tolist() == list(range(1, 9)) + list(range(10, 15))
+
+
+def test_a_target_that_ignores_packed_positions_is_refused(llama_target):
+    """Packing needs the target's forward to honour packed position ids; an eager-mask target that
+    ignores them (simulated by dropping position_ids) must be refused with what to do."""
+    seqs = [_sequence(llama_target, 20, s) for s in (1, 2)]
+    OnlineFeatures(llama_target, seqs).check_packing()  # transformers' Llama honours them
+
+    class IgnoresPositions:
+        def __init__(self, target):
+            self.target = target
+
+        def __getattr__(self, name):
+            return getattr(self.target, name)
+
+        def capture(self, input_ids, attention_mask=None, position_ids=None):
+            return self.target.capture(input_ids, attention_mask)  # one causal sequence per row
+
+    with pytest.raises(ValueError, match=r"training\.packing: false.*features\.mode: offline"):
+        OnlineFeatures(IgnoresPositions(llama_target), seqs).check_packing()
