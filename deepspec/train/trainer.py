@@ -4,9 +4,9 @@ The :class:`Trainer` lists its whole inventory as typed attributes and builds it
 sequence in ``__init__`` (torchtitan's layout): distributed set-up -> target -> data -> features ->
 draft (+ compile + parallel wrapper) -> optimizer + scheduler -> checkpointer (+ resume) -> metrics.
 ``train_step`` runs the micro-batches of one global batch (gradient accumulation), clips, steps.
-With ``training.packing`` the micro-batches are packed rows of one fixed shape
-(:class:`~deepspec.data.sequences.PackedShape`); ``padding_fraction`` and tokens/s then describe that
-layout (real tokens over the rows' tokens).
+With ``training.packing`` the micro-batches are packed rows of one fixed length, a fixed number of
+rows each (:class:`~deepspec.data.sequences.PackedShape`; a step's last micro-batches may hold fewer);
+``padding_fraction`` and tokens/s then describe that layout (real tokens over the rows' tokens).
 
 FSDP2 (``training.parallelism: fsdp2``) shards the draft with ``fully_shard`` (each DFlash/DSpark
 layer, then the root); with ``precision: bf16`` the gathered parameters are bf16 and gradients are reduced
@@ -179,6 +179,11 @@ class Trainer:
             if tc.packing
             else None
         )
+        if self.packed_shape is not None:
+            log.info(
+                "training.packing: micro-batches of %d rows x %d tokens",
+                self.packed_shape.rows, self.packed_shape.row_length,
+            )  # fmt: skip
         self.sampler = ResumableBatchSampler(
             self.features.lengths, tc.global_batch_size, tc.micro_batch_size,
             self.dist.rank, self.dist.world_size, tc.seed, tc.micro_batch_tokens, self.packed_shape,
