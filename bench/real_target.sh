@@ -261,8 +261,19 @@ PIPE=$REAL/pipeline
 start() {
   device_env
   mkdir -p "$PIPE/done" "$PIPE/sent"
-  setsid nohup bash bench/real_target.sh pipeline >"$PIPE/pipeline.log" 2>&1 </dev/null &
-  echo "pipeline started (pid $!): bash bench/real_target.sh collect SECONDS in the next calls"
+  snapshot
+  (cd "$REAL/snap" && setsid nohup bash bench/real_target.sh pipeline >"$OLDPWD/$PIPE/pipeline.log" 2>&1 </dev/null &
+   echo "pipeline started (pid $!): bash bench/real_target.sh collect SECONDS in the next calls")
+}
+
+# The pipeline runs from a private copy of the code ($REAL/snap): every later device call copies the working
+# tree over the repo root, and a stage started after that must not run other code than the run began with.
+# $REAL is linked into the copy, so every path of the run stays the same.
+snapshot() {
+  local snap=$REAL/snap top=${REAL%%/*}
+  rm -rf "$snap" && mkdir -p "$snap"
+  cp -r deepspec bench configs "$snap/"
+  ln -s "$PWD/$top" "$snap/$top"
 }
 
 pipeline() {
@@ -378,7 +389,7 @@ collect() {
 smoke() {
   REAL=.real/smoke RUN=.real/smoke/run STATE=.real/smoke/state DOCS=.real/smoke/docs OUT=$PWD/.real/smoke/out
   PIPE=$REAL/pipeline REGEN_SERVERS=2 PIPE_TRAIN_MIN=2 SWEEP_CAP=1
-  TARGET=$REAL/dev/tiny DEVICE=cpu PY=.venv/bin/python
+  TARGET=$REAL/dev/tiny DEVICE=cpu PY=$PWD/.venv/bin/python
   HOLDOUT=4 KEEP=4 SAVE_EVERY=1 SELECT_PROMPTS=4 SELECT_TOKENS=12 EVAL_CAP=1 EVAL_TOKENS=12 SWEEP=1,2 REGEN_CONCURRENCY=4
   REGEN_SAMPLING=(--set regeneration.sampling.temperature=0.7 --set regeneration.sampling.max_tokens=16
                   --set regeneration.sampling.seed=0)
@@ -401,7 +412,8 @@ for name in DEFAULT_BENCHMARK_CAPS:  # the nine benchmark names, two short promp
         f.write(json.dumps({"turns": [f"{name}: add two and two"]}) + "\n" + json.dumps({"turns": ["say the cat"]}) + "\n")
 EOF
   touch "$REAL/ready" && mkdir -p "$RUN" "$PIPE/done" "$PIPE/sent" && echo "smoke: $(uname -m) CPU" >"$RUN/machine.txt"
-  (pipeline) || true               # `start` runs it detached (setsid); here in the foreground, then one collect
+  snapshot                         # `start` runs the pipeline detached (setsid); here in the foreground
+  (cd "$REAL/snap" && pipeline) || true
   collect 0
   rm -rf "$RUN"                    # as on a fresh machine: only what came back in the archives
   unpack "$OUT"
