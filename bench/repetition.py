@@ -89,12 +89,14 @@ def main() -> int:
             "answers": len(mine),
             "mean_new_tokens": round(sum(r["new_tokens"] for r in mine) / len(mine), 1),
             "copied_token_weighted": round(
-                sum(r["copied"] * r["new_tokens"] for r in mine) / max(sum(r["new_tokens"] for r in mine), 1), 4
+                sum(r["copied"] * r["new_tokens"] for r in mine) / max(sum(r["new_tokens"] for r in mine), 1),
+                4,
             ),
             "ended_before_limit": round(sum(r["eos"] for r in mine) / len(mine), 3),
         }
     result = {
-        "command": "python bench/repetition.py " + " ".join(
+        "command": "python bench/repetition.py "
+        + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"
         ),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -304,7 +304,9 @@ def _draft_field_owners() -> dict[str, list[str]]:
 
 def _draft_algorithm(data: Any) -> str:
     """The union tag: ``algorithm``, eagle3 when absent (the recipe default)."""
-    value = data.get("algorithm", "eagle3") if isinstance(data, dict) else getattr(data, "algorithm", "eagle3")
+    value = (
+        data.get("algorithm", "eagle3") if isinstance(data, dict) else getattr(data, "algorithm", "eagle3")
+    )
     return str(value)
 
 

@@ -156,7 +156,9 @@ def reading_notes(report: dict[str, Any]) -> list[str]:
         )
         step = _STEP.search(str(report.get("checkpoint") or ""))
         if step:
-            notes.append(f"The draft was trained for {int(step.group(1))} optimizer steps (`step_{step.group(1)}`).")
+            notes.append(
+                f"The draft was trained for {int(step.group(1))} optimizer steps (`step_{step.group(1)}`)."
+            )
     rounds = [
         b
         for b in report["benchmarks"].values()

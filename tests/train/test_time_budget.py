@@ -46,7 +46,9 @@ def test_plan_is_cut_to_the_budget_and_the_schedule_completes(tmp_path, tiny_dir
     timed = BUDGET_WARMUP_STEPS + BUDGET_TIMED_STEPS
     expected = timed + int(BUDGET_USABLE * (30 - timed) / 1.0)
     assert trainer.step == trainer.total_steps == expected  # not 500, and not stopped short by the clock
-    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(0.1 * trainer.recipe.training.lr)  # cosine floor
+    assert trainer.scheduler.get_last_lr()[0] == pytest.approx(
+        0.1 * trainer.recipe.training.lr
+    )  # cosine floor
     latest = (tmp_path / "out" / "latest").read_text().strip()
     assert latest.endswith(f"step_{expected}")
 

@@ -142,9 +142,13 @@ def test_dflash_recipe_with_ttt_steps_is_rejected_naming_the_field(tmp_path: Pat
 )  # fmt: skip
 def test_settings_of_other_algorithms_are_rejected(algorithm: str, key: str, owner: str) -> None:
     if owner == algorithm:  # its own setting: accepted
-        assert getattr(load_recipe(None, [f"draft.algorithm={algorithm}", f"draft.{key}=64"]).draft, key) == 64
+        assert (
+            getattr(load_recipe(None, [f"draft.algorithm={algorithm}", f"draft.{key}=64"]).draft, key) == 64
+        )
         return
-    with pytest.raises(RecipeError, match=rf"draft\.{key} does not apply to algorithm '{algorithm}'.*{owner}"):
+    with pytest.raises(
+        RecipeError, match=rf"draft\.{key} does not apply to algorithm '{algorithm}'.*{owner}"
+    ):
         load_recipe(None, [f"draft.algorithm={algorithm}", f"draft.{key}=4"])
 
 
