@@ -435,6 +435,9 @@ unpack() {
     tar xzf "$STATE/$name"
     echo "unpacked $name"
   done
+  # the pipeline ran from its code copy (snapshot): reports name the run folder, not the copy's link to it
+  find "$RUN" \( -name report.json -o -name summary.json -o -name report.md -o -name selection.json -o -name "*.manifest.json" -o -name "*.summary.json" \) \
+    -exec sed -i "s#/$REAL/snap/$REAL/#/$REAL/#g" {} +
 }
 
 compare() {
