@@ -571,8 +571,12 @@ class Trainer:
         """Cut the planned steps to what the rest of the time budget holds at the timed pace (the slowest
         rank's), and re-plan the warmup + cosine schedule over them so that it still completes."""
         budget.planned = True
-        step_s = self._max_over_ranks(budget.timed_step_s or 0.0)  # every rank plans the same steps
-        fits = self.step + int(BUDGET_USABLE * budget.remaining_s() / max(step_s, 1e-9))
+        # Every rank must plan the same steps (a rank that leaves the loop first leaves the others waiting in
+        # a collective): the slowest rank's pace and the least time left of any rank (each rank's budget
+        # counts from its own first step, so the ranks' remaining times differ slightly).
+        step_s = self._max_over_ranks(budget.timed_step_s or 0.0)
+        remaining_s = -self._max_over_ranks(-budget.remaining_s())
+        fits = self.step + int(BUDGET_USABLE * remaining_s / max(step_s, 1e-9))
         if fits >= self.total_steps:
             return
         tc = self.recipe.training
