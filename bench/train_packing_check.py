@@ -178,6 +178,11 @@ def check_packing(trainer: Any, seed: int = 0) -> dict[str, Any]:
         )
     if hidden_rel > hidden_tol:
         problems.append(f"hidden states packed vs padded differ by {hidden_rel:.3g} (relative)")
+    if dev.type == "cuda" and attention == "sdpa-dense":
+        problems.append(
+            "flex attention fell back to the dense SDPA mask (see the warning above): the flex packed mask "
+            "was not checked, and training would run the dense path"
+        )
     if dense_hidden is not None and dense_hidden > hidden_tol:
         problems.append(f"hidden states packed flex vs packed dense mask differ by {dense_hidden:.3g}")
     if not _close(loss_b, loss_a, rtol):
