@@ -20,15 +20,17 @@ failure makes the exit status 1 (the timing still runs). ``--profile PATH`` prof
 first row after its timing (``bench/train_profile.py``: top-30 table, kernel launches, copies, syncs and
 device-busy fraction per step).
 
-Next H200 call (issue 11, packing; ~2-3 minutes: three algorithms x two variants of 2 warm-up + 4 steps,
+Next H200 call (issue 11, packing; ~2-3 minutes: three algorithms x two variants of 3 warm-up + 4 steps,
 the checks and a 3-step profile), SmolLM2 shape and recipes (64 sequences per step, 32k-token
 micro-batches, DFlash/DSpark 2 layers and 64 anchors), the real answers' lengths (on CPU the samplers
 give 35.6 % padding padded, as the real run's 36 %, and 6.5 % packed). The packed variant comes first so
-that the profile shows the packed Eagle3 step (the farthest from the 150k tokens/s goal):
+that the profile shows the packed Eagle3 step (the farthest from the 150k tokens/s goal). Three warm-up
+steps: the compiled flex attention recompiles when a micro-batch's shape changes (the second shape makes
+it dynamic), which should stay out of the timed steps:
 
     python bench/train_throughput.py --device cuda --targets smollm2 --algorithms eagle3,dflash,dspark \
         --real-lengths bench/train_lengths_smollm2.json.gz --draft-layers 2 --num-anchors 64 \
-        --variant packed=64:-:32768:off:packing --variant padded=64:-:32768:off --warmup 2 --steps 4 \
+        --variant packed=64:-:32768:off:packing --variant padded=64:-:32768:off --warmup 3 --steps 4 \
         --check-packing --profile $OUT/train_profile_h200.txt --out $OUT/train_packing_h200.json
 
 Other uses:
