@@ -42,3 +42,28 @@ def test_smollm2_exports_pass_both_engines_checks(smollm2_trained, tmp_path, cap
     assert "passes every sglang rule" in capsys.readouterr().out
     with capsys.disabled():  # the launch lines, on the terminal
         print("\n" + "\n".join(printed))
+
+
+def test_export_command_serves_the_alias_from_the_converted_folder(smollm2_trained, tmp_path, capsys):
+    """`target.model: smollm2` (the demo's alias) is no model an engine knows: the printed launch line
+    names the safetensors folder deepspec converted the GGUF into."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from deepspec.cli import main
+    from deepspec.target_model.files import resolve_model_path
+
+    recipe, out = smollm2_trained("eagle3")
+    data = json.loads(recipe.model_dump_json())
+    data["target"]["model"] = "smollm2"
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(data))
+    rc = main(["export", "-c", str(path), "--checkpoint", str(out), "--device", "cpu", "--force",
+               "--format", "sglang", "--output", str(tmp_path / "export"), "--smoke-tokens", "8"])  # fmt: skip
+    assert rc == 0
+    line = (tmp_path / "export" / "README.md").read_text().split("```\n")[1].strip()
+    served = line.split("--model-path ")[1].split()[0]
+    assert served == resolve_model_path("smollm2") and (Path(served) / "config.json").is_file(), line
+    assert capsys.readouterr().out.count(served) >= 1
