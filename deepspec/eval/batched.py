@@ -1,12 +1,13 @@
-"""Batched evaluation: ``B`` benchmark prompts decoded in lockstep, and the sweep over batch sizes.
+"""Batched evaluation: benchmark prompts decoded ``B`` rows at a time, and the sweep over batch sizes.
 
 ``deepspec eval --batch-size 1,8,32`` evaluates the suite once per batch size with
-:meth:`SpeculativeEngine.generate_batch` (one drafter per row, per-row acceptance) and the baseline
-with :meth:`SpeculativeEngine.generate_plain_batch` on the same decode core, so the speedup at each
-size compares like with like. Accepted lengths do not depend on the batch size (each row is decoded
-exactly as when alone: same tokens at T = 0, same random stream per prompt at T > 0); tokens/s and
-speedup do, and the sweep shows whether speculation still pays at a given load.
-"""
+:meth:`SpeculativeEngine.generate_batch` (per-row acceptance) and the baseline with
+:meth:`SpeculativeEngine.generate_plain_batch` on the same decode core, both in ``B`` cache rows that
+are refilled with the next waiting prompt as soon as their prompt ends, so the speedup at each size
+compares like with like and no row idles until the longest answer of a fixed batch ends. Accepted
+lengths do not depend on the batch size (each prompt is decoded exactly as when alone: same tokens at
+T = 0, same random stream per prompt at T > 0); tokens/s and speedup do, and the sweep shows whether
+speculation still pays at a given load"""
 
 from __future__ import annotations
 
@@ -46,62 +47,49 @@ def evaluate_batched(
     rank: int = 0,
     world: int = 1,
 ) -> tuple[Results, list[tuple[str, int, RoundRecord]]]:
-    """This rank's share of every benchmark, ``batch_size`` prompts at a time (turn by turn).
+    """This rank's share of every benchmark, decoded in ``batch_size`` rows (turn by turn).
 
-    The prompts of all benchmarks are pooled, so a batch holds ``batch_size`` rows even when a benchmark
-    has fewer prompts (the sweep's large sizes); each row's counters go to its own benchmark."""
+    The prompts of all benchmarks are pooled, so the rows stay full even when a benchmark has fewer
+    prompts than rows (the sweep's large sizes); turn ``k`` of every prompt that has one is one
+    refilled batch (:meth:`SpeculativeEngine.generate_batch` with ``rows=batch_size``: a row takes the
+    next prompt as soon as its answer ends), spec then plain; each prompt's counters go to its own
+    benchmark."""
     pool = [p for prompts in benchmarks.values() for p in prompts if p.index % world == rank]
     results: Results = {
         name: (AcceptanceStats(), AcceptanceStats() if settings.baseline else None) for name in benchmarks
     }
     records: list[tuple[str, int, RoundRecord]] = []
-    for start in range(0, len(pool), batch_size):
-        chunk = pool[start : start + batch_size]
-        for name, (spec, base) in _decode_chunk(engine, tokenizer, chunk, settings, records).items():
-            spec_all, base_all = results[name]
-            spec_all += spec
-            if base_all is not None:
-                base_all += base
-    return results, records
-
-
-def _decode_chunk(
-    engine: SpeculativeEngine,
-    tokenizer: Any,
-    chunk: list[BenchmarkPrompt],
-    settings: RunSettings,
-    records: list[tuple[str, int, RoundRecord]],
-) -> dict[str, tuple[AcceptanceStats, AcceptanceStats]]:
-    """Turn ``k`` of every prompt of the chunk that has one, in one lockstep batch (spec, then plain);
-    the counters summed per benchmark."""
-    turns = [p.turns if settings.all_turns else p.turns[:1] for p in chunk]
+    if not pool:
+        return results, records
+    turns = [p.turns if settings.all_turns else p.turns[:1] for p in pool]
     device = engine.device
-    gen_spec = [prompt_generator(settings.seed, p.benchmark, p.index, device) for p in chunk]
-    gen_base = [prompt_generator(settings.seed, p.benchmark, p.index, device) for p in chunk]
-    messages: list[list[dict[str, str]]] = [[] for _ in chunk]
-    per: dict[str, tuple[AcceptanceStats, AcceptanceStats]] = {}
-    for p in chunk:
-        spec, base = per.setdefault(p.benchmark, (AcceptanceStats(), AcceptanceStats()))
-        spec.prompts += 1
-        base.prompts += 1
+    gen_spec = [prompt_generator(settings.seed, p.benchmark, p.index, device) for p in pool]
+    gen_base = [prompt_generator(settings.seed, p.benchmark, p.index, device) for p in pool]
+    messages: list[list[dict[str, str]]] = [[] for _ in pool]
+    for p in pool:
+        spec_all, base_all = results[p.benchmark]
+        spec_all.prompts += 1
+        if base_all is not None:
+            base_all.prompts += 1
     for k in range(max(len(t) for t in turns)):
-        rows = [i for i in range(len(chunk)) if k < len(turns[i])]
+        rows = [i for i in range(len(pool)) if k < len(turns[i])]
         for i in rows:
             messages[i].append({"role": "user", "content": turns[i][k]})
         ids = [render_prompt(tokenizer, messages[i], settings.template_kwargs) for i in rows]
-        outs = engine.generate_batch(ids, [gen_spec[i] for i in rows])
+        outs = engine.generate_batch(ids, [gen_spec[i] for i in rows], rows=batch_size)
         if settings.baseline:
-            plain = engine.generate_plain_batch(ids, [gen_base[i] for i in rows])
+            plain = engine.generate_plain_batch(ids, [gen_base[i] for i in rows], rows=batch_size)
             for i, out in zip(rows, plain, strict=True):
-                base = per[chunk[i].benchmark][1]
-                base += _counters(out.stats)  # AcceptanceStats adds in place
+                base_all = results[pool[i].benchmark][1]
+                if base_all is not None:
+                    base_all += _counters(out.stats)  # AcceptanceStats adds in place
         for i, out in zip(rows, outs, strict=True):
-            spec = per[chunk[i].benchmark][0]
-            spec += _counters(out.stats)
-            records.extend((chunk[i].benchmark, chunk[i].index, r) for r in out.rounds)
+            spec_all = results[pool[i].benchmark][0]
+            spec_all += _counters(out.stats)
+            records.extend((pool[i].benchmark, pool[i].index, r) for r in out.rounds)
             answer = tokenizer.decode(out.tokens, skip_special_tokens=True)
             messages[i].append({"role": "assistant", "content": answer})
-    return per
+    return results, records
 
 
 def sweep_subset(

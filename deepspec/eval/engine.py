@@ -18,9 +18,12 @@ Two KV-cache paths (``EngineConfig.kv_cache``):
 
 * ``"static"`` (default): the decode core of :mod:`deepspec.decode`: a static cache whose rows
   advance independently, verification and sampling on the device with per-row random streams, and
-  CUDA graphs for the fixed-size steps on a GPU. :meth:`SpeculativeEngine.generate_batch` runs ``B``
-  prompts in lockstep (per-row acceptance); a row's tokens do not depend on the rows beside it, so
-  ``generate`` is ``generate_batch`` of one prompt. Eagle3 drafts every row in one forward per step
+  CUDA graphs for the fixed-size steps on a GPU. :meth:`SpeculativeEngine.generate_batch` runs
+  prompts in ``B`` rows in lockstep (per-row acceptance); with more prompts than rows, a row whose
+  prompt ended takes the next waiting prompt right away (prefill of that row, its drafter started
+  from the prompt), so rows do not idle until the longest answer of a fixed batch ends. A row's tokens
+  depend neither on the rows beside it nor on when it was admitted, so ``generate`` is
+  ``generate_batch`` of one prompt. Eagle3 drafts every row in one forward per step
   (:mod:`deepspec.eval.eagle3_batched`: on the device and, on CUDA, as captured graphs), DFlash and
   DSpark one block forward for all rows (:mod:`deepspec.eval.block_batched`); other drafters run
   one instance per row.
@@ -88,6 +91,76 @@ class GenerationResult:
     rounds: list[RoundRecord] = field(default_factory=list)
 
 
+@dataclass
+class BatchCounts:
+    """What a batched call did (``SpeculativeEngine.last_batch``)."""
+
+    steps: int = 0  # target steps: verification rounds, or plain decoding steps
+    refills: int = 0  # prompts admitted into a row after an earlier prompt of that row ended
+
+
+class _Flight:
+    """The prompts of one batched call and the cache rows decoding them.
+
+    Prompts are admitted in order; the row-indexed lists describe each row's current prompt
+    (``who[row]``, None for a row that idles because no prompt is left).
+    """
+
+    def __init__(
+        self, prompts: list[torch.Tensor], generators: list[torch.Generator | None], rows: int, plain: bool
+    ) -> None:
+        self.prompts = prompts
+        self.generators = generators
+        self.plain = plain
+        self.results: list[GenerationResult] = [None] * len(prompts)  # type: ignore[list-item]
+        self.waiting = 0  # the next prompt to admit
+        self.admit_seconds = 0.0
+        self.counts = BatchCounts()
+        self.who: list[int | None] = [None] * rows
+        self.lengths = [0] * rows  # tokens of the row's sequence in the cache (the next position)
+        self.anchors = [0] * rows  # the last committed token, not yet in the cache
+        self.outs: list[list[int]] = [[] for _ in range(rows)]
+        self.reasons: list[str | None] = [None] * rows
+        self.stats = [AcceptanceStats() for _ in range(rows)]
+        self.records: list[list[RoundRecord]] = [[] for _ in range(rows)]
+        self.gens: list[torch.Generator | None] = [None] * rows
+        self.private: list[torch.Generator | None] = [None] * rows  # plain decoding's streams
+        self.prefill_seconds = [0.0] * rows
+
+    def active(self) -> list[int]:
+        return [r for r, i in enumerate(self.who) if i is not None and self.reasons[r] is None]
+
+    def start(self, row: int, index: int, anchor: int, private: torch.Generator | None) -> None:
+        """Prompt ``index`` (prefilled into ``row``) starts with its first token ``anchor``."""
+        if self.who[row] is not None:  # the row held an earlier prompt
+            self.counts.refills += 1
+        self.who[row] = index
+        self.lengths[row] = int(self.prompts[index].numel())
+        self.anchors[row] = anchor
+        self.outs[row] = []
+        self.reasons[row] = None
+        self.stats[row] = AcceptanceStats(prompts=1)
+        self.records[row] = []
+        self.gens[row] = self.generators[index]
+        self.private[row] = private
+
+    def finish(self, row: int) -> None:
+        """Keep the result of the prompt that ended in ``row``."""
+        index = self.who[row]
+        assert index is not None
+        stats = self.stats[row]
+        stats.new_tokens = len(self.outs[row]) - 1  # tokens produced after the prefill's first token
+        reason: Any = self.reasons[row] or "length"  # "stop" or "length"
+        self.results[index] = GenerationResult(
+            self.outs[row], reason, stats, self.prefill_seconds[row], self.records[row]
+        )
+
+    def idle(self, row: int) -> None:
+        """No prompt is left for ``row``: its steps are ignored, at position 0 (a small attention window)."""
+        self.who[row] = None
+        self.lengths[row] = 0
+
+
 def prompt_seed(seed: int, benchmark: str, index: int) -> int:
     """A stable 63-bit seed for (seed, benchmark, prompt index): independent of process count/order."""
     digest = hashlib.sha256(f"{seed}:{benchmark}:{index}".encode()).digest()
@@ -133,6 +206,7 @@ class SpeculativeEngine:
         self.drafter_factory = drafter_factory  # more drafters for batched decoding (one per row)
         self.device = target.lm_head.weight.device
         self.core: DecodeCore | None = None
+        self.last_batch = BatchCounts()  # steps and refills of the last batched call
         self._batched: Any = None  # the batched drafter sized for self.core (see _batched_drafter)
 
     # ------------------------------------------------------------------ helpers
@@ -209,38 +283,44 @@ class SpeculativeEngine:
         prompts: Sequence[list[int] | torch.Tensor],
         generators: Sequence[torch.Generator | None] | None = None,
         drafters: Sequence[SpeculativeDrafter] | None = None,
+        rows: int | None = None,
     ) -> list[GenerationResult]:
-        """Speculative decode of ``B`` prompts in lockstep (static cache; one drafter per row).
+        """Speculative decode of the prompts in ``rows`` cache rows (default: one per prompt), results
+        in prompt order.
 
-        Drafters: ``drafters`` if given, else the engine's drafter for row 0 and
-        ``drafter_factory()`` for the others. Every row verifies ``num_proposals`` slots per round
-        (shorter proposals are padded and masked), so one step shape serves the whole run.
+        With fewer rows than prompts, a row whose prompt ended takes the next waiting prompt at once
+        (no row idles until the longest of a fixed batch ends); a prompt's result does not depend on
+        the rows beside it nor on when it was admitted. Drafters: ``drafters`` (one per row) if given,
+        else the engine's drafter for row 0 and ``drafter_factory()`` for the others. Every row
+        verifies ``num_proposals`` slots per round (shorter proposals are padded and masked), so one
+        step shape serves the whole run.
         """
         if self.drafter is None and drafters is None:
             raise ValueError(
                 "SpeculativeEngine.generate needs a drafter; use generate_plain for the target alone"
             )
         if drafters is None and self._batched_drafter_usable():
-            return self._lockstep(prompts, generators, None, batched=True)
+            return self._lockstep(prompts, generators, None, batched=True, rows=rows)
+        width = len(prompts) if rows is None else min(rows, len(prompts))
         if drafters is None:
-            if len(prompts) > 1 and self.drafter_factory is None:
+            if width > 1 and self.drafter_factory is None:
                 raise ValueError(
-                    f"batched decoding of {len(prompts)} prompts needs one drafter per row: "
+                    f"batched decoding in {width} rows needs one drafter per row: "
                     "pass drafters=[...] or build the engine with drafter_factory"
                 )
-            drafters = [self.drafter, *(self.drafter_factory() for _ in range(len(prompts) - 1))]
-        if len(drafters) != len(prompts):
-            raise ValueError(f"{len(drafters)} drafters for {len(prompts)} prompts")
-        return self._lockstep(prompts, generators, list(drafters))
+            drafters = [self.drafter, *(self.drafter_factory() for _ in range(width - 1))]
+        return self._lockstep(prompts, generators, list(drafters), rows=rows)
 
     @torch.no_grad()
     def generate_plain_batch(
         self,
         prompts: Sequence[list[int] | torch.Tensor],
         generators: Sequence[torch.Generator | None] | None = None,
+        rows: int | None = None,
     ) -> list[GenerationResult]:
-        """Target-only decode of ``B`` prompts in lockstep on the same core (the batched baseline)."""
-        return self._lockstep(prompts, generators, None)
+        """Target-only decode of the prompts in ``rows`` cache rows on the same core (the batched
+        baseline), refilled as :meth:`generate_batch` refills them."""
+        return self._lockstep(prompts, generators, None, rows=rows)
 
     # ------------------------------------------------------------------ static path
     def _batched_drafter_usable(self) -> bool:
@@ -292,14 +372,25 @@ class SpeculativeEngine:
         generators: Sequence[torch.Generator | None] | None,
         drafters: list[SpeculativeDrafter] | None,
         batched: bool = False,
+        rows: int | None = None,
     ) -> list[GenerationResult]:
-        """Prefill every row, then rounds of (propose per row, one batched verify step) until all rows end.
+        """Decode the prompts in at most ``rows`` cache rows (default: all at once), refilling each row
+        with the next waiting prompt as soon as its prompt ends; rounds of (propose per row, one batched
+        verify step) until every prompt has ended.
 
         ``batched``: the engine's drafter proposes for all rows in one forward per step
-        (:meth:`_batched_drafter`) instead of ``drafters``. Plain decoding is the same loop with no
-        draft slots. One host transfer per round carries
-        every row's accepted count and next token back; rows that ended keep their slot (their
-        step results are ignored) until the last row ends.
+        (:meth:`_batched_drafter`) instead of ``drafters`` (one per row). Plain decoding
+        (:meth:`_plain_steps`) admits prompts the same way, with no draft slots. One host transfer per
+        round carries every row's accepted count and next token back; a row whose prompt ended takes
+        the next waiting prompt right after that read (:meth:`_admit`), or idles (its step results
+        ignored) when none is left. The row count stays fixed, so the step shapes (and CUDA graphs)
+        do not change while rows are refilled.
+
+        Timing: each admission (prefill of the admitted prompts, their first token, the drafters'
+        prefill) is timed on its own and is the ``prefill_seconds`` of the prompts it admitted. The
+        rest of the wall time of the call is the decode; it is shared among the prompts in proportion
+        to the tokens each produced, so summed over prompts ``decode_seconds`` is the decode wall time
+        and tokens / seconds is the batch's throughput.
         """
         cfg = self.config
         n = len(prompt_list)
@@ -311,60 +402,50 @@ class SpeculativeEngine:
         prompts = [torch.as_tensor(p, dtype=torch.long).reshape(-1) for p in prompt_list]
         if any(p.numel() == 0 for p in prompts):
             raise ValueError("empty prompt: at least one token is needed")
+        width = n if rows is None else min(rows, n)
+        if width < 1:
+            raise ValueError(f"rows must be positive, got {rows}")
+        if drafters is not None and len(drafters) != width:
+            raise ValueError(f"{len(drafters)} drafters for {width} rows")
         drafting = drafters is not None or batched
         slots = cfg.num_proposals if drafting else 0
         sampling = cfg.temperature > 0
-        lengths = [int(p.numel()) for p in prompts]
-        core = self._core(n, max(lengths) + cfg.max_new_tokens + slots + 2)
+        core = self._core(width, max(int(p.numel()) for p in prompts) + cfg.max_new_tokens + slots + 2)
         bdraft = self._batched_drafter(core) if batched else None
-        stats = [AcceptanceStats(prompts=1) for _ in range(n)]
-        records: list[list[RoundRecord]] = [[] for _ in range(n)]
+        flight = _Flight(prompts, generators, width, plain=not drafting)
+        self.last_batch = flight.counts
 
         self._sync()
         t0 = time.perf_counter()
-        if drafters is not None:
-            for d in drafters:
-                d.reset()
         if bdraft is not None:
             bdraft.reset()
-        logits, features = core.prefill(list(range(n)), prompts)
-        u = row_uniforms(generators, 1, self.device)[:, 0] if sampling else None
-        anchors = sample_rows(logits, cfg.temperature, u).tolist()
-        if drafters is not None:
-            for d, p, f in zip(drafters, prompts, features, strict=True):
-                d.extend(p.to(self.device), f)
-        if bdraft is not None:
-            for b, (p, f) in enumerate(zip(prompts, features, strict=True)):
-                bdraft.prefill(b, p.to(self.device), f)
-        self._sync()
-        t1 = time.perf_counter()
-
-        outs: list[list[int]] = [[] for _ in range(n)]
-        reasons = [self._append(outs[b], [anchors[b]]) for b in range(n)]
+        self._admit(flight, list(range(width)), core, drafters, bdraft)
         if not drafting:
-            self._plain_steps(core, outs, reasons, lengths, stats, generators)
-        anchors_dev = torch.tensor(anchors, device=self.device)
+            self._plain_steps(core, flight)
+        anchors_dev = torch.tensor(flight.anchors, device=self.device)
         offsets = torch.arange(slots + 1, device=self.device)
         vocab = self.target.vocab_size
-        while any(r is None for r in reasons):
-            active = [b for b in range(n) if reasons[b] is None]
-            drafts = [[] for _ in range(n)]
-            kept = [0] * n
+        lengths, anchors, outs, reasons = flight.lengths, flight.anchors, flight.outs, flight.reasons
+        stats, records, gens = flight.stats, flight.records, flight.gens
+        while active := flight.active():
+            flight.counts.steps += 1
+            drafts = [[] for _ in range(width)]
+            kept = [0] * width
             per_row_probs = sampling and slots and bdraft is None
-            probs = torch.zeros(n, slots, vocab, device=self.device) if per_row_probs else None
+            probs = torch.zeros(width, slots, vocab, device=self.device) if per_row_probs else None
             if bdraft is not None:  # every row in one forward per step; tokens stay on the device
-                u_draft = self._active_uniforms(generators, active, n, slots) if sampling else None
+                u_draft = self._active_uniforms(gens, active, width, slots) if sampling else None
                 needed = max(lengths) - 1 + slots  # committed pairs + proposals of the longest row
                 proposal = bdraft.propose(anchors_dev, slots, cfg.temperature, u_draft, needed)
                 probs = proposal.probs
-                kept = [slots] * n
+                kept = [slots] * width
                 ids = torch.cat(
                     [anchors_dev[:, None], proposal.tokens], dim=1
                 )  # a copy: graph outputs are reused
                 for b in active if cfg.record_rounds else ():
                     records[b].append(RoundRecord(slots, 0, None, slots))
             for b in active if drafters is not None else ():
-                proposal = drafters[b].propose(anchors[b], slots, cfg.temperature, generators[b])
+                proposal = drafters[b].propose(anchors[b], slots, cfg.temperature, gens[b])
                 raw_g = min(int(proposal.tokens.numel()), slots)
                 g = self._truncate(raw_g, proposal.confidence)
                 drafts[b] = proposal.tokens[:g].tolist()
@@ -379,18 +460,18 @@ class SpeculativeEngine:
                         )
                     )
             if bdraft is None:
-                ids_host = [[anchors[b], *drafts[b], *[0] * (slots - kept[b])] for b in range(n)]
+                ids_host = [[anchors[b], *drafts[b], *[0] * (slots - kept[b])] for b in range(width)]
                 ids = torch.tensor(ids_host, device=self.device)
             start = torch.tensor(lengths, device=self.device)
             out = core.step(ids, start[:, None] + offsets, max(lengths) + slots + 1)
             # rows that ended draw nothing (their streams stay put)
-            u = self._active_uniforms(generators, active, n, slots + 1) if sampling else None
+            u = self._active_uniforms(gens, active, width, slots + 1) if sampling else None
             accepted, nxt = verify_rows(
                 ids[:, 1:], torch.tensor(kept, device=self.device), probs, out.logits, cfg.temperature, u
             )
             if bdraft is not None:
                 # commit anchor + accepted drafts of the active rows, on the device, before the host read
-                live = torch.zeros(n, dtype=torch.long, device=self.device)
+                live = torch.zeros(width, dtype=torch.long, device=self.device)
                 live[torch.tensor(active, device=self.device)] = 1
                 bdraft.extend(ids, out.features, (1 + accepted) * live)
                 anchors_dev = nxt
@@ -400,6 +481,7 @@ class SpeculativeEngine:
                 drafts = [r[1:] for r in ids_host]
             else:
                 acc_host, next_host = torch.stack([accepted, nxt]).tolist()
+            ended = []
             for b in active:
                 a = acc_host[b]
                 stats[b].add_round(kept[b], a)
@@ -408,65 +490,127 @@ class SpeculativeEngine:
                 lengths[b] += 1 + a
                 reasons[b] = self._append(outs[b], [*drafts[b][:a], next_host[b]])
                 anchors[b] = next_host[b]
-                if reasons[b] is None and drafters is not None:
+                if reasons[b] is not None:
+                    ended.append(b)
+                elif drafters is not None:
                     # host tokens (no device read); a copy of the features, since a replayed graph
                     # overwrites its output buffers at the next step
                     committed = torch.tensor([ids_host[b][0], *drafts[b][:a]])
                     drafters[b].extend(committed, out.features[b, : 1 + a].clone())
+            if ended and self._admit(flight, ended, core, drafters, bdraft) and bdraft is not None:
+                anchors_dev = torch.tensor(anchors, device=self.device)  # the refilled rows' first tokens
         self._sync()
-        wall = time.perf_counter() - t1
-        total_new = sum(len(o) - 1 for o in outs)
-        results = []
-        for b in range(n):
-            st = stats[b]
-            st.new_tokens = len(outs[b]) - 1  # tokens produced after the prefill's first token
-            # the batch's decode time, shared in proportion to the tokens each row produced, so that
-            # summed over rows tokens / seconds is the batch's throughput
-            st.decode_seconds = wall * (st.new_tokens / total_new if total_new else 1.0 / n)
-            results.append(GenerationResult(outs[b], reasons[b] or "length", st, t1 - t0, records[b]))
+        wall = time.perf_counter() - t0 - flight.admit_seconds
+        results = flight.results
+        total_new = sum(r.stats.new_tokens for r in results)
+        for r in results:
+            # the decode time, shared in proportion to the tokens each prompt produced, so that summed
+            # over prompts tokens / seconds is the batch's throughput
+            r.stats.decode_seconds = wall * (r.stats.new_tokens / total_new if total_new else 1.0 / n)
         return results
 
-    def _plain_steps(
+    def _admit(
         self,
+        flight: _Flight,
+        free: list[int],
         core: DecodeCore,
-        outs: list[list[int]],
-        reasons: list[str | None],
-        lengths: list[int],
-        stats: list[AcceptanceStats],
-        generators: list[torch.Generator | None],
-    ) -> None:
+        drafters: list[SpeculativeDrafter] | None,
+        bdraft: Any,
+    ) -> list[int]:
+        """Finish the prompts of rows ``free`` (if any) and admit waiting prompts into those rows.
+
+        The admitted prompts are prefilled in one batch into their rows of the core; each one's first
+        token is drawn with one uniform from its own generator (for plain decoding, one more draw seeds
+        its private stream, see :meth:`_plain_steps`), and its row's drafter starts from the prompt. A
+        prompt that ends at its first token is finished at once and its row admits the next. Rows left
+        without a prompt idle. Returns the rows that got a prompt still decoding.
+        """
+        cfg = self.config
+        filled: list[int] = []
+        for row in free:
+            if flight.who[row] is not None:
+                flight.finish(row)
+        while free and flight.waiting < len(flight.prompts):
+            self._sync()
+            t0 = time.perf_counter()
+            take = free[: len(flight.prompts) - flight.waiting]
+            free = free[len(take) :]  # rows no prompt is left for
+            new = list(range(flight.waiting, flight.waiting + len(take)))
+            flight.waiting += len(take)
+            prompts = [flight.prompts[i] for i in new]
+            logits, features = core.prefill(take, prompts)
+            gens = [flight.generators[i] for i in new]
+            u = row_uniforms(gens, 1, self.device)[:, 0] if cfg.temperature > 0 else None
+            anchors = sample_rows(logits, cfg.temperature, u).tolist()
+            for k, (row, i) in enumerate(zip(take, new, strict=True)):
+                private = None
+                if flight.plain and cfg.temperature > 0:
+                    private = _private_generator(gens[k], self.device)
+                flight.start(row, i, anchors[k], private)
+                flight.reasons[row] = self._append(flight.outs[row], [anchors[k]])
+                if drafters is not None:
+                    drafters[row].reset()
+                    drafters[row].extend(prompts[k].to(self.device), features[k])
+                if bdraft is not None:
+                    bdraft.prefill(row, prompts[k].to(self.device), features[k])
+            self._sync()
+            seconds = time.perf_counter() - t0
+            flight.admit_seconds += seconds
+            for row in take:
+                flight.prefill_seconds[row] = seconds
+            done = [row for row in take if flight.reasons[row] is not None]
+            filled += [row for row in take if flight.reasons[row] is None]
+            for row in done:
+                flight.finish(row)
+            free = done + free
+        for row in free:
+            flight.idle(row)
+        return filled
+
+    def _plain_steps(self, core: DecodeCore, flight: _Flight) -> None:
         """Plain decoding without a host round trip per token.
 
         Each step's input is the previous step's sampled token, still on the device, so steps are
-        queued back to back and the host reads the tokens once per ``PLAIN_CHUNK`` steps to apply
-        stop tokens and ``max_new_tokens``. Tokens a row produced after its end are discarded. Its
-        draws come from a private generator seeded by one draw from the row's generator, so the
+        queued back to back and the host reads the tokens after ``PLAIN_CHUNK`` steps, or earlier when a
+        row reaches ``max_new_tokens``, to apply stop tokens and lengths; rows whose prompt ended then
+        take the next waiting prompts (:meth:`_admit`), so a row idles at most until that read. Tokens a row produced after its prompt's end are discarded. A prompt's draws
+        come from a private generator seeded by one draw from its own generator at admission, so the
         caller's generator advances by the same amount whatever the chunking and the batch (a later
         turn of the same prompt then starts from the same state).
         """
         cfg = self.config
-        n = len(outs)
-        if cfg.temperature > 0:
-            generators = [_private_generator(g, self.device) for g in generators]
-        token = torch.tensor([o[-1] for o in outs], device=self.device)
-        position = torch.tensor(lengths, device=self.device)
-        longest = max(lengths)
-        while any(r is None for r in reasons):
-            left = max(cfg.max_new_tokens - len(outs[b]) for b in range(n) if reasons[b] is None)
+        sampling = cfg.temperature > 0
+        token = torch.tensor(flight.anchors, device=self.device)
+        while active := flight.active():
+            position = torch.tensor(flight.lengths, device=self.device)
+            longest = max(flight.lengths)
+            # up to the nearest length limit: a row that ends by length is refilled at once
+            left = min(cfg.max_new_tokens - len(flight.outs[b]) for b in active)
             produced = []
             for _ in range(min(PLAIN_CHUNK, left)):
+                flight.counts.steps += 1
                 longest += 1
                 out = core.step(token[:, None], position[:, None], longest)
-                u = row_uniforms(generators, 1, self.device)[:, 0] if cfg.temperature > 0 else None
+                u = row_uniforms(flight.private, 1, self.device)[:, 0] if sampling else None
                 token = sample_rows(out.logits[:, 0], cfg.temperature, u)
                 position = position + 1
                 produced.append(token)
-            for b, row in enumerate(torch.stack(produced, dim=1).tolist()):
-                for t in row:
-                    if reasons[b] is not None:
+            ended = []
+            host = torch.stack(produced, dim=1).tolist()
+            for b in active:
+                for t in host[b]:
+                    flight.stats[b].add_round(0, 0)
+                    flight.lengths[b] += 1
+                    flight.reasons[b] = self._append(flight.outs[b], [t])
+                    if flight.reasons[b] is not None:
+                        ended.append(b)
                         break
-                    stats[b].add_round(0, 0)
-                    reasons[b] = self._append(outs[b], [t])
+            refilled = self._admit(flight, ended, core, None, None) if ended else []
+            if refilled:
+                token = token.clone()
+                token[torch.tensor(refilled, device=self.device)] = torch.tensor(
+                    [flight.anchors[b] for b in refilled], device=self.device
+                )
 
     # ------------------------------------------------------------------ dynamic (eager reference) path
     @torch.no_grad()

@@ -14,7 +14,7 @@ from deepspec.eval.engine import EngineConfig, SpeculativeEngine, prompt_generat
 from deepspec.models import build_draft
 from deepspec.testing.tiny import tiny_target
 
-from .batched_checks import PROMPTS, check_greedy_rounds_equal_per_row
+from .batched_checks import PROMPTS, check_greedy_rounds_equal_per_row, check_refilled_draft
 from .conftest import reference_greedy
 from .test_lossless import PROMPT, chi2_pvalue, exact_joint, sample_engine
 
@@ -163,6 +163,16 @@ def test_engine_keeps_the_per_row_drafter_where_the_batched_one_cannot_serve(agr
         assert recorded._batched is None and result.rounds[0].confidence is not None
     else:
         assert recorded._batched is not None
+
+
+def test_refilled_rows_equal_single_prompt_results(agreeing_target_and_draft):
+    """More prompts than rows, answers of different lengths, the batched DFlash/DSpark drafter: each prompt's
+    tokens and counters are those it gets alone (T = 0)."""
+    check_refilled_draft(*agreeing_target_and_draft, temperature=0.0)
+
+
+def test_refilled_sampled_rows_do_not_depend_on_their_neighbours(target_and_draft):
+    check_refilled_draft(*target_and_draft, temperature=1.0)
 
 
 def test_engine_sampled_rows_do_not_depend_on_their_neighbours(target_and_draft):

@@ -13,7 +13,7 @@ from deepspec.eval.eagle3_batched import Eagle3BatchedDrafter
 from deepspec.eval.engine import EngineConfig, SpeculativeEngine, prompt_generator
 from deepspec.testing.tiny import tiny_target
 
-from .batched_checks import PROMPTS, check_greedy_rounds_equal_per_row
+from .batched_checks import PROMPTS, check_greedy_rounds_equal_per_row, check_refilled_draft
 from .conftest import reference_greedy
 from .test_lossless import PROMPT, chi2_pvalue, exact_joint, sample_engine
 
@@ -112,6 +112,16 @@ def test_engine_greedy_equals_per_row_path_and_target(agreeing_target_and_draft,
     if batch > 1:
         assert len({len(r.tokens) for r in got}) > 1  # rows really stop at different rounds
     assert sum(r.stats.accepted for r in got) > 0  # some proposals were accepted: the drafts are compared
+
+
+def test_refilled_rows_equal_single_prompt_results(agreeing_target_and_draft):
+    """More prompts than rows, answers of different lengths, the batched Eagle3 drafter: each prompt's
+    tokens and counters are those it gets alone (T = 0)."""
+    check_refilled_draft(*agreeing_target_and_draft, temperature=0.0)
+
+
+def test_refilled_sampled_rows_do_not_depend_on_their_neighbours(target_and_draft):
+    check_refilled_draft(*target_and_draft, temperature=1.0)
 
 
 def test_engine_sampled_rows_do_not_depend_on_their_neighbours(target_and_draft):

@@ -43,17 +43,19 @@ def test_batches_pool_benchmarks_and_counters_stay_per_benchmark(two_benchmarks)
     rows_per_call: list[int] = []
     generate = ev.engine.generate_batch
 
-    def spy(ids, generators):
-        rows_per_call.append(len(ids))
-        return generate(ids, generators)
+    def spy(ids, generators, rows=None):
+        rows_per_call.append((len(ids), rows))
+        return generate(ids, generators, rows=rows)
 
     single, _ = evaluate_benchmarks(ev.engine, ev.tokenizer, ev.benchmarks, ev.settings)
     ev.engine.generate_batch = spy
     batched, _ = evaluate_batched(ev.engine, ev.tokenizer, ev.benchmarks, ev.settings, batch_size=5)
-    assert rows_per_call == [5, 1]  # all five first turns in one batch, then the one second turn
+    refilled, _ = evaluate_batched(ev.engine, ev.tokenizer, ev.benchmarks, ev.settings, batch_size=2)
+    # all five first turns in five rows, then the one second turn; then in two rows, refilled as answers end
+    assert rows_per_call == [(5, 5), (1, 5), (5, 2), (1, 2)]
     for name in ("code", "chat"):
-        (s1, b1), (s5, b5) = single[name], batched[name]
-        for one, many in ((s1, s5), (b1, b5)):
+        (s1, b1), (s5, b5), (s2, b2) = single[name], batched[name], refilled[name]
+        for one, many in ((s1, s5), (b1, b5), (s1, s2), (b1, b2)):
             assert (many.rounds, many.accepted, many.new_tokens, many.prompts) == (
                 one.rounds,
                 one.accepted,
