@@ -108,3 +108,19 @@ def check_refilled_draft(target, draft, temperature: float) -> None:
     assert engine._batched is not None  # the batched drafter ran
     if greedy:
         assert sum(r.stats.accepted for r in got) > 0  # some proposals were accepted
+
+
+def check_sampled_rows_independent(target, draft, batched_type: type) -> None:
+    """T = 1 in the engine with the batched drafter (of ``batched_type``): every prompt's tokens in a batch
+    equal its single-prompt tokens, given the same per-prompt generators."""
+    from deepspec.eval.engine import EngineConfig, SpeculativeEngine, prompt_generator
+
+    cfg = EngineConfig(num_proposals=3, temperature=1.0, max_new_tokens=12)
+    engine = SpeculativeEngine(target, draft.as_drafter(target), cfg)
+
+    def gens():
+        return [prompt_generator(0, "rows", i) for i in range(len(PROMPTS))]
+
+    single = [engine.generate(p, g).tokens for p, g in zip(PROMPTS, gens(), strict=True)]
+    assert isinstance(engine._batched[1], batched_type)
+    assert [r.tokens for r in engine.generate_batch(PROMPTS, gens())] == single

@@ -10,11 +10,16 @@ import torch
 from deepspec.config import draft_model_config
 from deepspec.decode.sampling import inverse_cdf
 from deepspec.eval.block_batched import BlockBatchedDrafter
-from deepspec.eval.engine import EngineConfig, SpeculativeEngine, prompt_generator
+from deepspec.eval.engine import EngineConfig, SpeculativeEngine
 from deepspec.models import build_draft
 from deepspec.testing.tiny import tiny_target
 
-from .batched_checks import PROMPTS, check_greedy_rounds_equal_per_row, check_refilled_draft
+from .batched_checks import (
+    PROMPTS,
+    check_greedy_rounds_equal_per_row,
+    check_refilled_draft,
+    check_sampled_rows_independent,
+)
 from .conftest import reference_greedy
 from .test_lossless import PROMPT, chi2_pvalue, exact_joint, sample_engine
 
@@ -176,16 +181,7 @@ def test_refilled_sampled_rows_do_not_depend_on_their_neighbours(target_and_draf
 
 
 def test_engine_sampled_rows_do_not_depend_on_their_neighbours(target_and_draft):
-    target, draft = target_and_draft
-    cfg = EngineConfig(num_proposals=3, temperature=1.0, max_new_tokens=12)
-    engine = SpeculativeEngine(target, draft.as_drafter(target), cfg)
-
-    def gens():
-        return [prompt_generator(0, "rows", i) for i in range(len(PROMPTS))]
-
-    single = [engine.generate(p, g).tokens for p, g in zip(PROMPTS, gens(), strict=True)]
-    assert isinstance(engine._batched[1], BlockBatchedDrafter)
-    assert [r.tokens for r in engine.generate_batch(PROMPTS, gens())] == single
+    check_sampled_rows_independent(*target_and_draft, BlockBatchedDrafter)
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
