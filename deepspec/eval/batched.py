@@ -7,7 +7,8 @@ are refilled with the next waiting prompt as soon as their prompt ends, so the s
 compares like with like and no row idles until the longest answer of a fixed batch ends. Accepted
 lengths do not depend on the batch size (each prompt is decoded exactly as when alone: same tokens at
 T = 0, same random stream per prompt at T > 0); tokens/s and speedup do, and the sweep shows whether
-speculation still pays at a given load"""
+speculation still pays at a given load.
+"""
 
 from __future__ import annotations
 

@@ -573,8 +573,9 @@ class SpeculativeEngine:
         Each step's input is the previous step's sampled token, still on the device, so steps are
         queued back to back and the host reads the tokens after ``PLAIN_CHUNK`` steps, or earlier when a
         row reaches ``max_new_tokens``, to apply stop tokens and lengths; rows whose prompt ended then
-        take the next waiting prompts (:meth:`_admit`), so a row idles at most until that read. Tokens a row produced after its prompt's end are discarded. A prompt's draws
-        come from a private generator seeded by one draw from its own generator at admission, so the
+        take the next waiting prompts (:meth:`_admit`), so a row idles at most until that read. Tokens a
+        row produced after its prompt's end are discarded. A prompt's draws come from a private
+        generator seeded by one draw from its own generator at admission, so the
         caller's generator advances by the same amount whatever the chunking and the batch (a later
         turn of the same prompt then starts from the same state).
         """
