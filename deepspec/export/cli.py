@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from deepspec.eval.runner import stop_token_ids
     from deepspec.export.exporter import export_draft, smoke_test
     from deepspec.layout import RunLayout
+    from deepspec.target_model.files import resolve_model_path
 
     recipe = load_recipe(args.config, args.overrides)
     fmt = args.format or recipe.export.format
@@ -117,9 +118,10 @@ def run(args: argparse.Namespace) -> int:
                 fmt,
                 provenance,
                 gate=gate,
-                # the engines load an HF id or folder: what the target was loaded from (deepspec's GGUF
-                # targets, a .gguf file or the SmolLM2 alias, as the safetensors folder converted from it)
-                target_model=target.name_or_path,
+                # the engines load an HF id or folder; deepspec's GGUF targets (a .gguf file, the SmolLM2
+                # alias) are served from the safetensors folder deepspec converted them into (a stat of the
+                # GGUF file names the cached folder: no second conversion)
+                target_model=resolve_model_path(recipe.target.model),
                 served_from=destination,
             )
             readme = (path / "README.md").read_text(encoding="utf-8")
